@@ -1,0 +1,1 @@
+"""Dagster-orchestrated PostgreSQL change data capture and delivery."""

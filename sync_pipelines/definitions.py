@@ -1,0 +1,34 @@
+"""The code location: one set of definitions per pipeline in the sync spec.
+
+The spec path comes from ``SYNC_SPEC`` (default ``sync.yaml`` in the working directory), read
+when Dagster loads the location — not at import. An invalid spec fails the load with a
+message naming the file, the pipeline and the field.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from sync_pipelines.defs.pipelines import build_pipeline_defs
+from sync_pipelines.defs.resources import SyncEngine
+from sync_pipelines.engine.errors import SpecError
+from sync_pipelines.engine.spec import load_spec
+
+
+def build_definitions(spec_path: str) -> dg.Definitions:
+    try:
+        spec = load_spec(spec_path)
+    except SpecError as err:
+        # Re-raised without the engine's traceback: the message is the whole story.
+        raise SpecError(str(err)) from None
+    return dg.Definitions.merge(
+        *(build_pipeline_defs(p) for p in spec.pipelines.values()),
+        dg.Definitions(resources={"sync": SyncEngine(spec_path=spec_path)}),
+    )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_definitions(os.environ.get("SYNC_SPEC", "sync.yaml"))

@@ -1,0 +1,1 @@
+"""Orchestrator-independent CDC engine (no dagster imports)."""

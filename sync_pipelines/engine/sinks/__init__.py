@@ -1,0 +1,1 @@
+"""Sinks: where mapped changes are applied. One module per kind of target."""

@@ -1,0 +1,304 @@
+"""PostgreSQL sink: bulk, idempotent apply of a batch with its checkpoint in one transaction.
+
+Contract: :meth:`PostgresSink.apply` compacts a batch's operations per key
+(:mod:`..compaction`), then in **one target transaction** truncates, deletes (``DELETE ...
+USING`` a temp table filled by COPY), upserts (``INSERT ... SELECT`` from a COPY-filled temp
+table ``ON CONFLICT (key) DO UPDATE``) and writes the checkpoint row
+``(pipeline, target) → position``. Either all of it commits or none does, so:
+
+* a crash before the commit leaves the target and the checkpoint as they were;
+* a crash after the commit is detected on the next run by reading the checkpoint, and the
+  batch is skipped — the exactly-once effect of invariant 2.
+
+Target tables are created from the source relation when missing and gain columns the source
+gains mid-stream (each can be turned off in the spec). Driver errors are mapped explicitly:
+connection loss, serialization failures and deadlocks are transient; constraint and data
+errors are terminal and name the table and constraint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from ..compaction import TableOps, compact
+from ..errors import TerminalDeliveryError, TransientDeliveryError
+from ..mapping import TableMapper, TargetOp, Upsert
+from ..spec import PostgresTargetSpec
+from ..state import START, Position
+
+
+@dataclass(frozen=True)
+class ApplyStats:
+    upserts: int = 0
+    deletes: int = 0
+    truncates: int = 0
+
+    def __add__(self, other: ApplyStats) -> ApplyStats:
+        return ApplyStats(self.upserts + other.upserts, self.deletes + other.deletes,
+                          self.truncates + other.truncates)
+
+
+def _ident(qualified: str) -> sql.Identifier:
+    return sql.Identifier(*qualified.split("."))
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _adapt(v: Any) -> Any:
+    return Jsonb(v) if isinstance(v, dict | list) else v
+
+
+class PostgresSink:
+    """Applies one pipeline's changes to one PostgreSQL target."""
+
+    def __init__(self, dsn: str, *, pipeline: str, target: str, spec: PostgresTargetSpec):
+        self.pipeline = pipeline
+        self.target = target
+        self.spec = spec
+        self._where = f"pipeline {pipeline!r}, target {target!r}"
+        try:
+            self.conn = psycopg.connect(dsn, application_name=f"sync_pipelines:{pipeline}")
+        except psycopg.OperationalError as err:
+            raise TransientDeliveryError(
+                f"{self._where}: cannot connect ({_first_line(err)}); check ${spec.dsn_env}"
+            ) from None
+        self._ckpt = sql.Identifier(spec.checkpoint_schema, "checkpoint")
+        self._columns: dict[str, dict[str, str]] = {}  # table → column → type
+        self._keys: dict[str, list[str]] = {}
+        self._prepared: set[tuple[str, int]] = set()
+        self._temps: set[str] = set()
+        self._ensure_checkpoint_table()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> PostgresSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- checkpoint --------------------------------------------------------------------------
+
+    def _ensure_checkpoint_table(self) -> None:
+        with self._errors("creating the checkpoint table"), self.conn.transaction():
+            self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                sql.Identifier(self.spec.checkpoint_schema)))
+            self.conn.execute(sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (pipeline text NOT NULL, target text NOT NULL, "
+                "commit_lsn bigint NOT NULL, seq integer NOT NULL, batch_id bigint NOT NULL, "
+                "applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, target))"
+            ).format(self._ckpt))
+
+    def checkpoint(self) -> Position:
+        """The position of the last change applied to this target (authoritative)."""
+        with self._errors("reading the checkpoint"), self.conn.transaction():
+            row = self.conn.execute(
+                sql.SQL("SELECT commit_lsn, seq FROM {} WHERE pipeline = %s AND target = %s")
+                .format(self._ckpt), (self.pipeline, self.target)
+            ).fetchone()
+        return Position(row[0], row[1]) if row else START
+
+    # -- schema ------------------------------------------------------------------------------
+
+    def prepare(self, tm: TableMapper, relation_version: int) -> None:
+        """Make sure the target table exists with every column the mapping sends."""
+        if (tm.target_table, relation_version) in self._prepared:
+            return
+        with self._errors(f"preparing table {tm.target_table}"), self.conn.transaction():
+            cols = self._load_columns(tm.target_table)
+            if cols is None:
+                if not self.spec.create_tables:
+                    raise TerminalDeliveryError(
+                        f"{self._where}: target table {tm.target_table} does not exist; "
+                        "create it or set create_tables: true"
+                    )
+                self._create_table(tm)
+            else:
+                missing = [c for c in tm.columns if c.name not in cols]
+                if missing and self.spec.add_columns:
+                    for c in missing:
+                        self.conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} "
+                                                  + self._sql_type(c)).format(
+                            _ident(tm.target_table), sql.Identifier(c.name)))
+                elif missing:
+                    raise TerminalDeliveryError(
+                        f"{self._where}: target table {tm.target_table} lacks column(s) "
+                        f"{', '.join(c.name for c in missing)}; add them or set add_columns: true"
+                    )
+            self._columns.pop(tm.target_table, None)
+            self._load_columns(tm.target_table)
+        self._keys[tm.target_table] = tm.key_names
+        self._prepared.add((tm.target_table, relation_version))
+
+    def _sql_type(self, c: Any) -> str:
+        if c.sql_type is not None:
+            return str(c.sql_type)
+        row = self.conn.execute("SELECT format_type(%s, %s)", (c.type_oid, c.type_modifier)
+                                ).fetchone()
+        if row is None or row[0] is None or row[0] == "???":
+            return "text"  # a type the target does not know (e.g. a source enum): keep the text
+        return str(row[0])
+
+    def _create_table(self, tm: TableMapper) -> None:
+        schema = tm.target_table.split(".")[0]
+        self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+            sql.Identifier(schema)))
+        defs = [sql.SQL("{} " + self._sql_type(c)).format(sql.Identifier(c.name))
+                for c in tm.columns]
+        defs.append(sql.SQL("PRIMARY KEY ({})").format(
+            sql.SQL(", ").join(map(sql.Identifier, tm.key_names))))
+        self.conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+            _ident(tm.target_table), sql.SQL(", ").join(defs)))
+
+    def _load_columns(self, table: str) -> dict[str, str] | None:
+        if table in self._columns:
+            return self._columns[table]
+        rows = self.conn.execute(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+            "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
+            (sql.Identifier(*table.split(".")).as_string(self.conn),),
+        ).fetchall()
+        if not rows:
+            return None
+        self._columns[table] = {r[0]: r[1] for r in rows}
+        return self._columns[table]
+
+    # -- apply -------------------------------------------------------------------------------
+
+    def apply(self, ops: list[TargetOp], *, through: Position, batch_id: int) -> ApplyStats:
+        """Apply a batch's operations and move the checkpoint to ``through``, atomically."""
+        tables = compact(ops)
+        stats = ApplyStats()
+        with self._errors(f"applying batch {batch_id}"), self.conn.transaction():
+            truncated = [t for t, o in tables.items() if o.truncate]
+            if truncated:
+                self.conn.execute(sql.SQL("TRUNCATE {}").format(
+                    sql.SQL(", ").join(_ident(t) for t in truncated)))
+                stats += ApplyStats(truncates=len(truncated))
+            for table, t_ops in tables.items():
+                stats += self._apply_deletes(table, t_ops)
+            for table, t_ops in tables.items():
+                stats += self._apply_upserts(table, t_ops)
+            self.conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (pipeline, target, commit_lsn, seq, batch_id) "
+                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (pipeline, target) DO UPDATE SET "
+                    "commit_lsn = EXCLUDED.commit_lsn, seq = EXCLUDED.seq, "
+                    "batch_id = EXCLUDED.batch_id, applied_at = now()"
+                ).format(self._ckpt),
+                (self.pipeline, self.target, through.commit_lsn, through.seq, batch_id),
+            )
+        return stats
+
+    def _temp_table(self, table: str, columns: list[str]) -> sql.Identifier:
+        """A session temp table shaped like ``table``'s ``columns``, emptied at each commit."""
+        name = "_sync_" + hashlib.sha1(f"{table}|{'|'.join(columns)}".encode()).hexdigest()[:16]
+        if name not in self._temps:
+            self.conn.execute(sql.SQL(
+                "CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS "
+                "SELECT {} FROM {} WITH NO DATA"
+            ).format(sql.Identifier(name), sql.SQL(", ").join(map(sql.Identifier, columns)),
+                     _ident(table)))
+            self._temps.add(name)
+        return sql.Identifier(name)
+
+    def _copy(self, temp: sql.Identifier, columns: list[str], rows: list[tuple[Any, ...]]) -> None:
+        with self.conn.cursor() as cur, cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(
+            temp, sql.SQL(", ").join(map(sql.Identifier, columns)))) as copy:
+            for r in rows:
+                copy.write_row(r)
+
+    def _apply_deletes(self, table: str, t_ops: TableOps) -> ApplyStats:
+        deletes = t_ops.deletes
+        if not deletes:
+            return ApplyStats()
+        keys = self._keys[table]
+        temp = self._temp_table(table, keys)
+        self._copy(temp, keys, [d.key for d in deletes])
+        self.conn.execute(sql.SQL("DELETE FROM {} t USING {} d WHERE {}").format(
+            _ident(table), temp, sql.SQL(" AND ").join(
+                sql.SQL("t.{k} = d.{k}").format(k=sql.Identifier(k)) for k in keys)))
+        return ApplyStats(deletes=len(deletes))
+
+    def _apply_upserts(self, table: str, t_ops: TableOps) -> ApplyStats:
+        upserts = t_ops.upserts
+        if not upserts:
+            return ApplyStats()
+        keys = self._keys[table]
+        # Rows missing unchanged-TOAST columns have a different shape: one statement per shape.
+        shapes: dict[tuple[str, ...], list[Upsert]] = {}
+        for u in upserts:
+            shapes.setdefault(tuple(u.row), []).append(u)
+        for columns, group in shapes.items():
+            cols = list(columns)
+            temp = self._temp_table(table, cols)
+            self._copy(temp, cols, [tuple(_adapt(v) for v in u.row.values()) for u in group])
+            col_list = sql.SQL(", ").join(map(sql.Identifier, cols))
+            updates = [c for c in cols if c not in keys]
+            action = sql.SQL("DO NOTHING") if not updates else sql.SQL("DO UPDATE SET {}").format(
+                sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c))
+                                   for c in updates))
+            self.conn.execute(sql.SQL(
+                "INSERT INTO {t} ({cols}) SELECT {cols} FROM {tmp} ON CONFLICT ({keys}) {action}"
+            ).format(t=_ident(table), cols=col_list, tmp=temp,
+                     keys=sql.SQL(", ").join(map(sql.Identifier, keys)), action=action))
+        return ApplyStats(upserts=len(upserts))
+
+    # -- errors ------------------------------------------------------------------------------
+
+    def _errors(self, doing: str) -> _ErrorMap:
+        return _ErrorMap(self, doing)
+
+
+class _ErrorMap:
+    """Translate driver errors raised while ``doing`` into transient/terminal delivery errors."""
+
+    def __init__(self, sink: PostgresSink, doing: str) -> None:
+        self.sink = sink
+        self.doing = doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: type[BaseException] | None, err: BaseException | None,
+                 tb: object) -> bool:
+        if err is None:
+            return False
+        # The transaction rolled back: temp tables and schema created in it are gone.
+        self.sink._temps.clear()
+        self.sink._columns.clear()
+        if not isinstance(err, psycopg.Error):
+            return False
+        where = f"{self.sink._where}, {self.doing}"
+        diag = getattr(err, "diag", None)
+        detail = []
+        if diag is not None:
+            if diag.table_name:
+                detail.append(f"table {diag.schema_name}.{diag.table_name}")
+            if diag.constraint_name:
+                detail.append(f"constraint {diag.constraint_name}")
+            if diag.message_detail:
+                detail.append(diag.message_detail)
+        extra = f" ({'; '.join(detail)})" if detail else ""
+        if isinstance(err, psycopg.errors.InvalidColumnReference) and "ON CONFLICT" in str(err):
+            raise TerminalDeliveryError(
+                f"{where}: the target table has no unique index on the key columns; add a "
+                f"PRIMARY KEY or UNIQUE constraint on them ({_first_line(err)})"
+            ) from None
+        if isinstance(err, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected
+                      | psycopg.errors.LockNotAvailable | psycopg.errors.AdminShutdown
+                      | psycopg.errors.CannotConnectNow | psycopg.OperationalError):
+            raise TransientDeliveryError(f"{where}: {_first_line(err)}{extra}") from None
+        if isinstance(err, psycopg.errors.IntegrityError | psycopg.errors.DataError
+                      | psycopg.errors.ProgrammingError):
+            raise TerminalDeliveryError(f"{where}: {_first_line(err)}{extra}") from None
+        raise TransientDeliveryError(f"{where}: {_first_line(err)}{extra}") from None

@@ -1,0 +1,240 @@
+"""The PostgreSQL source: publication, logical slot, and pulling changes through SQL.
+
+psycopg 3 has no replication-protocol client, so changes are read through the SQL interface:
+``pg_logical_slot_peek_binary_changes`` (pgoutput, protocol 1) over a server-side cursor, which
+keeps client memory bounded by the fetch size even when one transaction holds a million rows,
+and ``pg_replication_slot_advance`` once what was read is durably staged. Peeking never moves
+the slot, so a crash before the advance loses nothing: the next peek returns the same changes.
+
+Contract: :meth:`Source.prepare` checks the server and the spec's tables and creates the
+publication and slot if missing (idempotent), raising :class:`SourceConfigError` or
+:class:`SlotConflictError` with the fix in the message. Nothing here writes to the source
+besides the publication, the slot and the slot's position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .errors import SlotConflictError, SourceConfigError, SourceUnavailableError
+from .pgoutput import format_lsn, parse_lsn
+from .spec import PipelineSpec
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    name: str
+    confirmed_flush_lsn: int
+    restart_lsn: int
+    active_pid: int | None
+    lag_bytes: int
+    created: bool = False
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+class Source:
+    """One pipeline's view of its source database."""
+
+    def __init__(self, dsn: str, pipeline: PipelineSpec) -> None:
+        self.pipeline = pipeline
+        self._where = f"pipeline {pipeline.name!r}: source"
+        try:
+            self.conn = psycopg.connect(
+                dsn, autocommit=True, application_name=f"sync_pipelines:{pipeline.name}"
+            )
+        except psycopg.OperationalError as err:
+            raise SourceUnavailableError(
+                f"{self._where}: cannot connect ({_first_line(err)}); check the DSN in "
+                f"${pipeline.source.dsn_env}"
+            ) from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _one(self, query: Any, params: Any = None) -> Any:
+        row = self.conn.execute(query, params).fetchone()
+        return row[0] if row else None
+
+    # -- checks and setup --------------------------------------------------------------------
+
+    def prepare(self) -> SlotInfo:
+        """Check the server and tables; create publication and slot if missing."""
+        version = int(self._one("SHOW server_version_num"))
+        if version < 140000:
+            raise SourceConfigError(f"{self._where}: PostgreSQL {version} is too old; need ≥ 14")
+        wal_level = self._one("SHOW wal_level")
+        if wal_level != "logical":
+            raise SourceConfigError(
+                f"{self._where}: wal_level is {wal_level!r}, logical replication needs 'logical'."
+                " Run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL."
+            )
+        self._check_tables()
+        self._ensure_publication()
+        return self._ensure_slot()
+
+    def _check_tables(self) -> None:
+        names = list(self.pipeline.tables)
+        rows = self.conn.execute(
+            """
+            SELECT n.nspname || '.' || c.relname, c.relreplident,
+                   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind IN ('r', 'p') AND n.nspname || '.' || c.relname = ANY(%s)
+            """,
+            (names,),
+        ).fetchall()
+        found = {r[0]: (r[1], r[2]) for r in rows}
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise SourceConfigError(
+                f"{self._where}: unknown table(s) {', '.join(missing)}; create them in the "
+                "source or fix `tables:` in the spec"
+            )
+        for name, (ident, has_pk) in found.items():
+            ident = ident.decode() if isinstance(ident, bytes) else ident
+            if ident == "n" or (ident == "d" and not has_pk):
+                raise SourceConfigError(
+                    f"{self._where}: table {name} has no primary key (replica identity "
+                    f"{'NOTHING' if ident == 'n' else 'DEFAULT'}), so its updates and deletes "
+                    "cannot be identified. Add a primary key, or run ALTER TABLE "
+                    f"{name} REPLICA IDENTITY FULL and give `key:` in the spec."
+                )
+
+    def _ensure_publication(self) -> None:
+        pub = self.pipeline.publication
+        exists = self._one("SELECT 1 FROM pg_publication WHERE pubname = %s", (pub,))
+        tables = [sql.Identifier(*t.split(".")) for t in self.pipeline.tables]
+        try:
+            if not exists:
+                self.conn.execute(
+                    sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                        sql.Identifier(pub), sql.SQL(", ").join(tables)
+                    )
+                )
+                return
+            if self._one("SELECT puballtables FROM pg_publication WHERE pubname = %s", (pub,)):
+                return
+            have = {
+                r[0] for r in self.conn.execute(
+                    "SELECT schemaname || '.' || tablename FROM pg_publication_tables "
+                    "WHERE pubname = %s", (pub,)
+                )
+            }
+            add = [sql.Identifier(*t.split(".")) for t in self.pipeline.tables if t not in have]
+            if add:
+                self.conn.execute(
+                    sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+                        sql.Identifier(pub), sql.SQL(", ").join(add)
+                    )
+                )
+        except psycopg.errors.InsufficientPrivilege as err:
+            raise SourceConfigError(
+                f"{self._where}: not allowed to create/alter publication {pub!r} "
+                f"({_first_line(err)}); create it as the table owner: CREATE PUBLICATION {pub} "
+                f"FOR TABLE {', '.join(self.pipeline.tables)}"
+            ) from None
+
+    def slot_info(self) -> SlotInfo | None:
+        row = self.conn.execute(
+            """
+            SELECT plugin, database, active_pid, confirmed_flush_lsn::text, restart_lsn::text,
+                   pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
+            FROM pg_replication_slots WHERE slot_name = %s
+            """,
+            (self.pipeline.slot,),
+        ).fetchone()
+        if row is None:
+            return None
+        plugin, database, active_pid, confirmed, restart, lag = row
+        slot = self.pipeline.slot
+        if plugin != "pgoutput":
+            raise SlotConflictError(
+                f"{self._where}: slot {slot!r} exists with plugin {plugin!r}, not pgoutput; drop "
+                "it or choose another `slot:` name"
+            )
+        current_db = self._one("SELECT current_database()")
+        if database != current_db:
+            raise SlotConflictError(
+                f"{self._where}: slot {slot!r} belongs to database {database!r}, not "
+                f"{current_db!r}; choose another `slot:` name"
+            )
+        return SlotInfo(slot, parse_lsn(confirmed), parse_lsn(restart), active_pid, int(lag or 0))
+
+    def _ensure_slot(self) -> SlotInfo:
+        info = self.slot_info()
+        if info is not None:
+            return info
+        try:
+            self.conn.execute(
+                "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.pipeline.slot,)
+            )
+        except psycopg.errors.DuplicateObject:
+            pass  # created concurrently by an overlapping tick: fine
+        except psycopg.errors.ObjectNotInPrerequisiteState as err:
+            raise SourceConfigError(f"{self._where}: {_first_line(err)}") from None
+        except psycopg.errors.InsufficientPrivilege as err:
+            raise SourceConfigError(
+                f"{self._where}: cannot create slot ({_first_line(err)}); the source user "
+                "needs the REPLICATION attribute (ALTER ROLE ... REPLICATION)"
+            ) from None
+        info = self.slot_info()
+        assert info is not None
+        return SlotInfo(info.name, info.confirmed_flush_lsn, info.restart_lsn, info.active_pid,
+                        info.lag_bytes, created=True)
+
+    # -- pulling -----------------------------------------------------------------------------
+
+    def flush_lsn(self) -> int:
+        """The server's WAL flush position: a peek started after this reads at least to it."""
+        return parse_lsn(self._one("SELECT pg_current_wal_flush_lsn()::text"))
+
+    @contextmanager
+    def peek(self, upto_nchanges: int, fetch_chunk: int) -> Iterator[Iterator[bytes]]:
+        """Yield pgoutput messages from the slot (not consuming them), fetched in chunks."""
+        slot = self.pipeline.slot
+        try:
+            with self.conn.transaction(), self.conn.cursor(name=f"sync_peek_{slot}") as cur:
+                cur.itersize = fetch_chunk
+                cur.execute(
+                    "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
+                    "'proto_version', '1', 'publication_names', %s)",
+                    (slot, upto_nchanges, self.pipeline.publication),
+                )
+                yield (bytes(row[0]) for row in cur)
+        except psycopg.errors.ObjectInUse as err:
+            raise SlotConflictError(
+                f"{self._where}: slot {slot!r} is in use by another consumer "
+                f"({_first_line(err)}); stop the other reader or choose another `slot:` name"
+            ) from None
+        except psycopg.errors.UndefinedObject as err:
+            raise SourceConfigError(f"{self._where}: {_first_line(err)}") from None
+
+    def advance(self, lsn: int) -> int:
+        """Move the slot's confirmed position to ``lsn``; returns where it ended up."""
+        try:
+            row = self.conn.execute(
+                "SELECT end_lsn::text FROM pg_replication_slot_advance(%s, %s::pg_lsn)",
+                (self.pipeline.slot, format_lsn(lsn)),
+            ).fetchone()
+        except psycopg.errors.ObjectInUse as err:
+            raise SlotConflictError(
+                f"{self._where}: slot {self.pipeline.slot!r} is in use by another consumer "
+                f"({_first_line(err)})"
+            ) from None
+        return parse_lsn(row[0]) if row and row[0] else lsn
+

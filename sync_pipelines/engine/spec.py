@@ -1,0 +1,299 @@
+"""The sync spec: pipelines, sources, targets, table mappings and policies, read from YAML.
+
+Contract: :func:`load_spec` either returns a fully validated :class:`SyncSpec` or raises
+:class:`~sync_pipelines.engine.errors.SpecError` whose message names the file, the pipeline and
+the field at fault, e.g.::
+
+    sync.yaml: pipeline 'crm', tables.public.customers.filter[0].op: Input should be '=', ...
+
+The spec never holds credentials: sources and targets name the *environment variable* that
+holds their DSN; the DSN itself is read only when a connection is opened
+(:meth:`DsnRef.resolve`), never at import or validation time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import SpecError
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+def qualify(table: str) -> str:
+    """``customers`` → ``public.customers``; ``crm.deals`` stays as it is."""
+    parts = table.split(".")
+    if len(parts) == 1:
+        parts = ["public", parts[0]]
+    if len(parts) != 2 or not all(_IDENT.match(p) for p in parts):
+        raise ValueError(f"{table!r} is not a table name of the form [schema.]table")
+    return ".".join(parts)
+
+
+class DsnRef(_Model):
+    """Where a connection string comes from: an environment variable, never the spec itself."""
+
+    dsn_env: str
+    """Name of the environment variable holding the libpq connection string."""
+
+    def resolve(self, what: str) -> str:
+        value = os.environ.get(self.dsn_env, "").strip()
+        if not value:
+            raise SpecError(
+                f"{what}: environment variable {self.dsn_env} is not set; set it to a "
+                "PostgreSQL connection string (e.g. postgresql://user@host:5432/db)"
+            )
+        return value
+
+
+class SourceSpec(DsnRef):
+    """A PostgreSQL source read through a publication and a logical replication slot."""
+
+    dsn_env: str = "SYNC_SOURCE_DSN"
+    """Environment variable holding the source DSN (needs REPLICATION or superuser)."""
+    publication: str | None = None
+    """Publication name; default ``sync_<pipeline>``. Created if missing."""
+    slot: str | None = None
+    """Logical replication slot name; default ``sync_<pipeline>``. Created if missing."""
+
+
+class FilterClause(_Model):
+    """One condition of a row filter; a row passes when every clause holds."""
+
+    column: str
+    """Source column the clause tests."""
+    op: Literal["=", "!=", "<", "<=", ">", ">=", "in", "not_in", "is_null", "not_null"]
+    """Comparison operator."""
+    value: Any = None
+    """Right-hand side (a list for ``in``/``not_in``; unused for ``is_null``/``not_null``)."""
+
+    @model_validator(mode="after")
+    def _check_value(self) -> FilterClause:
+        if self.op in ("in", "not_in") and not isinstance(self.value, list):
+            raise ValueError(f"op {self.op!r} needs a list value")
+        if self.op in ("=", "!=", "<", "<=", ">", ">=") and self.value is None:
+            raise ValueError(f"op {self.op!r} needs a value (use is_null/not_null for NULL)")
+        return self
+
+
+class DerivedField(_Model):
+    """A target column computed from the source row: exactly one of the three forms."""
+
+    constant: Any = None
+    """A constant value."""
+    template: str | None = None
+    """A ``str.format`` template over source columns, e.g. ``"{first_name} {last_name}"``."""
+    column: str | None = None
+    """Copy of another source column (useful to send one column to two target columns)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DerivedField:
+        given = [n for n in ("constant", "template", "column") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of constant, template, column")
+        return self
+
+
+CastType = Literal["int", "float", "decimal", "str", "bool", "date", "datetime", "json"]
+
+
+class TableMapping(_Model):
+    """How one source table maps onto a target table."""
+
+    target_table: str | None = None
+    """Target table as ``[schema.]table``; default: the source table's qualified name."""
+    key: list[str] | None = None
+    """Source key columns; default: the table's replica identity (normally its primary key)."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Renames: ``source_column: target_column``. Unlisted columns keep their name."""
+    include: list[str] | None = None
+    """If given, only these source columns are sent (plus the key)."""
+    exclude: list[str] = Field(default_factory=list)
+    """Source columns never sent (e.g. secrets). Key columns cannot be excluded."""
+    cast: dict[str, CastType] = Field(default_factory=dict)
+    """Type conversions applied to source columns before they are sent."""
+    derived: dict[str, DerivedField] = Field(default_factory=dict)
+    """Extra target columns computed from the source row."""
+    filter: list[FilterClause] = Field(default_factory=list)
+    """Row filter. A row that stops matching is deleted from the target."""
+
+    @field_validator("target_table")
+    @classmethod
+    def _qualify_target(cls, v: str | None) -> str | None:
+        return qualify(v) if v is not None else None
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> TableMapping:
+        if self.key:
+            clash = set(self.key) & set(self.exclude)
+            if clash:
+                raise ValueError(f"key columns cannot be excluded: {sorted(clash)}")
+        targets = list(self.columns.values()) + list(self.derived)
+        dupes = {t for t in targets if targets.count(t) > 1}
+        if dupes:
+            raise ValueError(f"target columns defined twice: {sorted(dupes)}")
+        return self
+
+
+class PostgresTargetSpec(DsnRef):
+    """A PostgreSQL target: changes are applied idempotently with a checkpoint row."""
+
+    kind: Literal["postgres"] = "postgres"
+    dsn_env: str = "SYNC_TARGET_DSN"
+    """Environment variable holding the target DSN."""
+    checkpoint_schema: str = "sync_checkpoint"
+    """Schema in the target holding the checkpoint table (written in each apply transaction)."""
+    create_tables: bool = True
+    """Create a missing target table from the source relation (columns, types, key)."""
+    add_columns: bool = True
+    """Add target columns when the source relation gains columns mid-stream."""
+
+
+# One kind today; further kinds join a discriminated union on ``kind``.
+TargetSpec = PostgresTargetSpec
+
+
+class PolicySpec(_Model):
+    """Flow-control and sizing knobs of a pipeline."""
+
+    demand_budget: int = Field(default=100_000, ge=1)
+    """Most changes staged but not yet delivered; the sensor pulls only what fits."""
+    batch_size: int = Field(default=10_000, ge=1)
+    """Changes per batch (a batch is one delivery run's unit and one target transaction)."""
+    fetch_chunk: int = Field(default=2_000, ge=1)
+    """Rows fetched per round trip from the slot's server-side cursor."""
+    redeliver_after_seconds: int = Field(default=30, ge=5)
+    """A batch left undelivered (failed run) is requested again after this long."""
+
+
+class PipelineSpec(_Model):
+    """One source, its tables and their mappings, and the targets they go to."""
+
+    name: str = ""
+    """Filled in from the key under ``pipelines:``."""
+    source: SourceSpec = Field(default_factory=SourceSpec)
+    tables: dict[str, TableMapping]
+    """Source tables (``[schema.]table``) to capture, each with its mapping."""
+    targets: dict[str, TargetSpec]
+    """Named targets; each receives every table."""
+    policy: PolicySpec = Field(default_factory=PolicySpec)
+
+    @field_validator("tables", mode="before")
+    @classmethod
+    def _qualify_tables(cls, v: Any) -> Any:
+        if isinstance(v, list):  # allow a plain list of table names
+            v = {t: {} for t in v}
+        if isinstance(v, dict):
+            return {qualify(str(k)): ({} if m is None else m) for k, m in v.items()}
+        return v
+
+    @field_validator("tables")
+    @classmethod
+    def _non_empty(cls, v: dict[str, TableMapping]) -> dict[str, TableMapping]:
+        if not v:
+            raise ValueError("at least one table is required")
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _target_names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not v:
+            raise ValueError("at least one target is required")
+        for name in v:
+            if not _NAME.match(name):
+                raise ValueError(f"target name {name!r} must match {_NAME.pattern}")
+        return v
+
+    @property
+    def slot(self) -> str:
+        return self.source.slot or f"sync_{self.name}"
+
+    @property
+    def publication(self) -> str:
+        return self.source.publication or f"sync_{self.name}"
+
+
+class StateSpec(DsnRef):
+    """Where the engine keeps its own state (staged changes, batches, delivery progress)."""
+
+    dsn_env: str = "SYNC_STATE_DSN"
+    """Environment variable holding the state database DSN."""
+    schema_name: str = Field(default="sync_state", alias="schema")
+    """Schema holding the state tables."""
+
+
+class SyncSpec(_Model):
+    """The whole spec file."""
+
+    state: StateSpec = Field(default_factory=StateSpec)
+    pipelines: dict[str, PipelineSpec]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_pipelines(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("pipelines"), dict):
+            named = {}
+            for name, body in data["pipelines"].items():
+                if isinstance(body, dict):
+                    body = {**body, "name": name}
+                named[name] = body
+            data = {**data, "pipelines": named}
+        return data
+
+    @field_validator("pipelines")
+    @classmethod
+    def _pipeline_names(cls, v: dict[str, PipelineSpec]) -> dict[str, PipelineSpec]:
+        if not v:
+            raise ValueError("at least one pipeline is required")
+        for name in v:
+            if not _NAME.match(name):
+                raise ValueError(f"pipeline name {name!r} must match {_NAME.pattern}")
+        return v
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        where = ""
+        if len(loc) >= 2 and loc[0] == "pipelines":
+            where = f"pipeline {loc[1]!r}, "
+            loc = loc[2:]
+        field = ".".join(loc) or "(top level)"
+        lines.append(f"{source}: {where}{field}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, *, source: str = "<spec>") -> SyncSpec:
+    """Validate an already-parsed YAML document."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping with a 'pipelines' key")
+    try:
+        return SyncSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_describe(err, source)) from None
+
+
+def load_spec(path: str | Path) -> SyncSpec:
+    """Read and validate the spec file at ``path``."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise SpecError(f"{p}: cannot read the sync spec ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(f"{p}: not valid YAML: {err}") from None
+    return parse_spec(data, source=str(p))

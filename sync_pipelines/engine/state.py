@@ -1,0 +1,471 @@
+"""The state store: the engine's durable memory in a PostgreSQL schema (``sync_state``).
+
+Tables (DDL in :data:`MIGRATIONS`, applied idempotently and in order by :meth:`migrate`):
+
+* ``pipeline``  — one row per pipeline: its slot, the position of the last staged change and
+  the LSN we last advanced the slot to.
+* ``relation``  — every relation (table schema) version seen in the stream, by fingerprint, so a
+  staged change can always be decoded with the schema it was written under.
+* ``batch``     — staged batches: position range and number of changes. A batch is a row here
+  until every target has delivered it.
+* ``change``    — the durable mailbox: one row per staged change, keyed by its position
+  ``(commit_lsn, seq)`` (``seq`` = index of the change within its transaction), values in
+  PostgreSQL text format.
+* ``delivery``  — per pipeline and target, the position delivered through (a mirror of the
+  target's own checkpoint, which is authoritative).
+
+Contract and crash behaviour: staging a batch (its changes, its batch row and the pipeline's
+staged position) is one transaction, so after a crash either all of a batch is staged or none
+of it. The staged position only moves forward, which makes re-staging after a re-peek
+idempotent: callers skip changes at or below it. Garbage collection removes batches and
+changes only once every target's delivered position is past them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import psycopg
+from psycopg import sql
+
+from .errors import StateError
+from .pgoutput import Column, Relation
+
+
+class Position(NamedTuple):
+    """Where a change sits in the stream: its transaction's commit LSN and its index in it."""
+
+    commit_lsn: int
+    seq: int
+
+
+START = Position(0, -1)
+"""The position before every change."""
+
+
+MIGRATIONS: list[str] = [
+    # 1: the initial schema.
+    """
+    CREATE TABLE {schema}.pipeline (
+        pipeline     text PRIMARY KEY,
+        slot         text NOT NULL,
+        staged_lsn   bigint NOT NULL DEFAULT 0,
+        staged_seq   integer NOT NULL DEFAULT -1,
+        next_batch   bigint NOT NULL DEFAULT 1,
+        advanced_lsn bigint,
+        updated_at   timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE {schema}.relation (
+        relation_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        pipeline     text NOT NULL,
+        fingerprint  text NOT NULL,
+        source_oid   bigint NOT NULL,
+        namespace    text NOT NULL,
+        name         text NOT NULL,
+        replica_identity text NOT NULL,
+        columns      jsonb NOT NULL,
+        first_seen   timestamptz NOT NULL DEFAULT now(),
+        UNIQUE (pipeline, fingerprint)
+    );
+    CREATE TABLE {schema}.batch (
+        pipeline     text NOT NULL,
+        batch_id     bigint NOT NULL,
+        first_lsn    bigint NOT NULL,
+        first_seq    integer NOT NULL,
+        last_lsn     bigint NOT NULL,
+        last_seq     integer NOT NULL,
+        n_changes    integer NOT NULL,
+        first_commit_ts timestamptz,
+        last_commit_ts  timestamptz,
+        staged_at    timestamptz NOT NULL DEFAULT now(),
+        requested_at timestamptz,
+        PRIMARY KEY (pipeline, batch_id)
+    );
+    CREATE TABLE {schema}.change (
+        pipeline     text NOT NULL,
+        commit_lsn   bigint NOT NULL,
+        seq          integer NOT NULL,
+        batch_id     bigint NOT NULL,
+        xid          bigint NOT NULL,
+        commit_ts    timestamptz NOT NULL,
+        relation_id  bigint NOT NULL,
+        op           text NOT NULL,
+        new_values   text[],
+        old_values   text[],
+        unchanged    integer[],
+        PRIMARY KEY (pipeline, commit_lsn, seq)
+    );
+    CREATE TABLE {schema}.delivery (
+        pipeline     text NOT NULL,
+        target       text NOT NULL,
+        commit_lsn   bigint NOT NULL,
+        seq          integer NOT NULL,
+        batch_id     bigint NOT NULL,
+        updated_at   timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (pipeline, target)
+    );
+    """,
+]
+
+# Column order of a staged change row as written by COPY (after pipeline and batch_id).
+CHANGE_COLUMNS = (
+    "pipeline", "batch_id", "commit_lsn", "seq", "xid", "commit_ts",
+    "relation_id", "op", "new_values", "old_values", "unchanged",
+)
+_CHANGE_TYPES = (
+    "text", "int8", "int8", "int4", "int8", "timestamptz",
+    "int8", "text", "text[]", "text[]", "int4[]",
+)
+
+_LOCK_CLASS = 0x5359  # "SY": first half of every advisory lock key we take
+
+
+class StagedChange(NamedTuple):
+    """A decoded change ready to stage (values in PostgreSQL text format)."""
+
+    commit_lsn: int
+    seq: int
+    xid: int
+    commit_ts: datetime
+    relation_id: int
+    op: str  # 'I' insert, 'U' update, 'D' delete, 'T' truncate
+    new_values: list[str | None] | None
+    old_values: list[str | None] | None
+    unchanged: list[int] | None  # indexes of unchanged-TOAST columns in new_values
+
+    @property
+    def position(self) -> Position:
+        return Position(self.commit_lsn, self.seq)
+
+
+class StoredChange(NamedTuple):
+    """A staged change as read back for delivery."""
+
+    commit_lsn: int
+    seq: int
+    batch_id: int
+    relation_id: int
+    op: str
+    new_values: list[str | None] | None
+    old_values: list[str | None] | None
+    unchanged: list[int] | None
+
+    @property
+    def position(self) -> Position:
+        return Position(self.commit_lsn, self.seq)
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """A staged batch's range and size."""
+
+    batch_id: int
+    first: Position
+    last: Position
+    n_changes: int
+    first_commit_ts: datetime | None
+    last_commit_ts: datetime | None
+    staged_at: datetime | None = None
+    requested_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class PipelineState:
+    staged: Position
+    advanced_lsn: int | None
+    next_batch: int
+
+
+def relation_fingerprint(rel: Relation) -> str:
+    body = json.dumps(
+        [rel.relation_id, rel.namespace, rel.name, rel.replica_identity,
+         [[c.name, c.type_oid, c.type_modifier, c.is_key] for c in rel.columns]]
+    )
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
+class StateStore:
+    """Typed access to the state schema over one psycopg connection (not thread-safe)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], schema: str = "sync_state") -> None:
+        self.conn = conn
+        self.schema = schema
+        self._s = sql.Identifier(schema)
+        self._relations: dict[int, Relation] = {}
+        self._relation_ids: dict[tuple[str, str], int] = {}
+
+    @classmethod
+    def connect(cls, dsn: str, schema: str = "sync_state") -> StateStore:
+        try:
+            conn = psycopg.connect(dsn, autocommit=True, application_name="sync_pipelines:state")
+        except psycopg.OperationalError as err:
+            raise StateError(f"cannot connect to the state database: {_first_line(err)}") from None
+        store = cls(conn, schema)
+        store.migrate()
+        return store
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(schema=self._s)  # type: ignore[arg-type]
+
+    # -- schema ------------------------------------------------------------------------------
+
+    def migrate(self) -> int:
+        """Apply pending migrations; safe to call concurrently and repeatedly."""
+        with self.conn.transaction():
+            # Serialise concurrent migrators (several processes start at once under Dagster).
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_CLASS,))
+            self.conn.execute(self._q("CREATE SCHEMA IF NOT EXISTS {schema}"))
+            self.conn.execute(self._q(
+                "CREATE TABLE IF NOT EXISTS {schema}.migration "
+                "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            ))
+            row = self.conn.execute(
+                self._q("SELECT coalesce(max(version), 0) FROM {schema}.migration")
+            ).fetchone()
+            current = int(row[0]) if row else 0
+            for version, ddl in enumerate(MIGRATIONS, start=1):
+                if version <= current:
+                    continue
+                self.conn.execute(self._q(ddl))
+                self.conn.execute(
+                    self._q("INSERT INTO {schema}.migration (version) VALUES (%s)"), (version,)
+                )
+            return len(MIGRATIONS)
+
+    # -- locks -------------------------------------------------------------------------------
+
+    def try_lock(self, name: str) -> bool:
+        """Take a session-level advisory lock named ``name``; False if someone holds it."""
+        row = self.conn.execute(
+            "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_LOCK_CLASS, name)
+        ).fetchone()
+        return bool(row and row[0])
+
+    def unlock(self, name: str) -> None:
+        self.conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (_LOCK_CLASS, name))
+
+    # -- pipelines ---------------------------------------------------------------------------
+
+    def ensure_pipeline(self, pipeline: str, slot: str) -> PipelineState:
+        self.conn.execute(
+            self._q("INSERT INTO {schema}.pipeline (pipeline, slot) VALUES (%s, %s) "
+                    "ON CONFLICT (pipeline) DO NOTHING"),
+            (pipeline, slot),
+        )
+        return self.pipeline_state(pipeline)
+
+    def pipeline_state(self, pipeline: str) -> PipelineState:
+        row = self.conn.execute(
+            self._q("SELECT staged_lsn, staged_seq, advanced_lsn, next_batch "
+                    "FROM {schema}.pipeline WHERE pipeline = %s"),
+            (pipeline,),
+        ).fetchone()
+        if row is None:
+            raise StateError(f"pipeline {pipeline!r} is not registered in the state database")
+        return PipelineState(Position(row[0], row[1]), row[2], row[3])
+
+    def record_advance(self, pipeline: str, lsn: int) -> None:
+        self.conn.execute(
+            self._q("UPDATE {schema}.pipeline SET advanced_lsn = greatest(advanced_lsn, %s), "
+                    "updated_at = now() WHERE pipeline = %s"),
+            (lsn, pipeline),
+        )
+
+    # -- relations ---------------------------------------------------------------------------
+
+    def relation_id(self, pipeline: str, rel: Relation) -> int:
+        """The durable id of this relation version (registered on first sight)."""
+        fp = relation_fingerprint(rel)
+        cached = self._relation_ids.get((pipeline, fp))
+        if cached is not None:
+            return cached
+        cols = [[c.name, c.type_oid, c.type_modifier, c.is_key] for c in rel.columns]
+        row = self.conn.execute(
+            self._q(
+                "INSERT INTO {schema}.relation (pipeline, fingerprint, source_oid, namespace, "
+                "name, replica_identity, columns) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (pipeline, fingerprint) DO UPDATE SET pipeline = EXCLUDED.pipeline "
+                "RETURNING relation_id"
+            ),
+            (pipeline, fp, rel.relation_id, rel.namespace, rel.name, rel.replica_identity,
+             json.dumps(cols)),
+        ).fetchone()
+        assert row is not None
+        rid = int(row[0])
+        self._relation_ids[(pipeline, fp)] = rid
+        self._relations[rid] = rel
+        return rid
+
+    def relation(self, relation_id: int) -> Relation:
+        rel = self._relations.get(relation_id)
+        if rel is None:
+            row = self.conn.execute(
+                self._q("SELECT source_oid, namespace, name, replica_identity, columns "
+                        "FROM {schema}.relation WHERE relation_id = %s"),
+                (relation_id,),
+            ).fetchone()
+            if row is None:
+                raise StateError(f"relation version {relation_id} is missing from the state DB")
+            cols = tuple(Column(n, o, m, k) for n, o, m, k in row[4])
+            rel = Relation(int(row[0]), row[1], row[2], row[3], cols)
+            self._relations[relation_id] = rel
+        return rel
+
+    # -- staging -----------------------------------------------------------------------------
+
+    def stage_batch(self, pipeline: str, changes: Sequence[StagedChange]) -> BatchInfo:
+        """Stage ``changes`` (in stream order, all after the staged position) as one batch.
+
+        One transaction: the changes, the batch row and the new staged position. Raises
+        :class:`StateError` if the changes do not start after the staged position (a second
+        writer, which the per-pipeline lock is there to prevent).
+        """
+        if not changes:
+            raise ValueError("stage_batch needs at least one change")
+        first, last = changes[0], changes[-1]
+        with self.conn.transaction():
+            row = self.conn.execute(
+                self._q("SELECT staged_lsn, staged_seq, next_batch FROM {schema}.pipeline "
+                        "WHERE pipeline = %s FOR UPDATE"),
+                (pipeline,),
+            ).fetchone()
+            if row is None:
+                raise StateError(f"pipeline {pipeline!r} is not registered")
+            staged, batch_id = Position(row[0], row[1]), int(row[2])
+            if first.position <= staged:
+                raise StateError(
+                    f"pipeline {pipeline!r}: refusing to stage at {first.position}, already staged "
+                    f"through {staged} (is another process pulling the same slot?)"
+                )
+            with self.conn.cursor() as cur:
+                cols = sql.SQL(", ").join(map(sql.Identifier, CHANGE_COLUMNS))
+                copy_sql = sql.SQL(
+                    "COPY {schema}.change ({cols}) FROM STDIN (FORMAT BINARY)"
+                ).format(schema=self._s, cols=cols)
+                with cur.copy(copy_sql) as copy:
+                    copy.set_types(_CHANGE_TYPES)
+                    for c in changes:
+                        copy.write_row((pipeline, batch_id, *c))
+            self.conn.execute(
+                self._q(
+                    "INSERT INTO {schema}.batch (pipeline, batch_id, first_lsn, first_seq, "
+                    "last_lsn, last_seq, n_changes, first_commit_ts, last_commit_ts) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                ),
+                (pipeline, batch_id, first.commit_lsn, first.seq, last.commit_lsn, last.seq,
+                 len(changes), first.commit_ts, last.commit_ts),
+            )
+            self.conn.execute(
+                self._q("UPDATE {schema}.pipeline SET staged_lsn = %s, staged_seq = %s, "
+                        "next_batch = %s, updated_at = now() WHERE pipeline = %s"),
+                (last.commit_lsn, last.seq, batch_id + 1, pipeline),
+            )
+        return BatchInfo(batch_id, first.position, last.position, len(changes),
+                         first.commit_ts, last.commit_ts)
+
+    def undelivered_changes(self, pipeline: str) -> int:
+        """Changes staged but not yet delivered to every target (batch granularity)."""
+        row = self.conn.execute(
+            self._q("SELECT coalesce(sum(n_changes), 0) FROM {schema}.batch WHERE pipeline = %s"),
+            (pipeline,),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def batches(self, pipeline: str, *, upto: int | None = None) -> list[BatchInfo]:
+        """Batches still held (not yet delivered everywhere), oldest first."""
+        rows = self.conn.execute(
+            self._q("SELECT batch_id, first_lsn, first_seq, last_lsn, last_seq, n_changes, "
+                    "first_commit_ts, last_commit_ts, staged_at, requested_at "
+                    "FROM {schema}.batch WHERE pipeline = %s AND batch_id <= %s "
+                    "ORDER BY batch_id"),
+            (pipeline, upto if upto is not None else 2**62),
+        ).fetchall()
+        return [
+            BatchInfo(r[0], Position(r[1], r[2]), Position(r[3], r[4]), r[5], r[6], r[7], r[8],
+                      r[9])
+            for r in rows
+        ]
+
+    def mark_requested(self, pipeline: str, batch_ids: Iterable[int]) -> None:
+        self.conn.execute(
+            self._q("UPDATE {schema}.batch SET requested_at = now() "
+                    "WHERE pipeline = %s AND batch_id = ANY(%s)"),
+            (pipeline, list(batch_ids)),
+        )
+
+    def read_changes(self, pipeline: str, after: Position, through: Position) -> list[StoredChange]:
+        """Staged changes with ``after < position <= through``, in stream order."""
+        with self.conn.cursor(binary=True) as cur:
+            cur.execute(
+                self._q("SELECT commit_lsn, seq, batch_id, relation_id, op, new_values, "
+                        "old_values, unchanged FROM {schema}.change WHERE pipeline = %s "
+                        "AND (commit_lsn, seq) > (%s, %s) AND (commit_lsn, seq) <= (%s, %s) "
+                        "ORDER BY commit_lsn, seq"),
+                (pipeline, after.commit_lsn, after.seq, through.commit_lsn, through.seq),
+            )
+            return [StoredChange(r[0], r[1], r[2], r[3], _op(r[4]), r[5], r[6], r[7])
+                    for r in cur.fetchall()]
+
+    # -- delivery ----------------------------------------------------------------------------
+
+    def delivered(self, pipeline: str, target: str) -> Position:
+        row = self.conn.execute(
+            self._q("SELECT commit_lsn, seq FROM {schema}.delivery "
+                    "WHERE pipeline = %s AND target = %s"),
+            (pipeline, target),
+        ).fetchone()
+        return Position(row[0], row[1]) if row else START
+
+    def record_delivered(self, pipeline: str, target: str, pos: Position, batch_id: int) -> None:
+        """Move the target's delivered position forward (never backward)."""
+        self.conn.execute(
+            self._q(
+                "INSERT INTO {schema}.delivery AS d (pipeline, target, commit_lsn, seq, batch_id) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (pipeline, target) DO UPDATE SET "
+                "commit_lsn = EXCLUDED.commit_lsn, seq = EXCLUDED.seq, "
+                "batch_id = EXCLUDED.batch_id, updated_at = now() "
+                "WHERE (d.commit_lsn, d.seq) < (EXCLUDED.commit_lsn, EXCLUDED.seq)"
+            ),
+            (pipeline, target, pos.commit_lsn, pos.seq, batch_id),
+        )
+
+    def collect_garbage(self, pipeline: str, targets: Sequence[str]) -> int:
+        """Drop batches and changes every target has delivered; returns changes removed."""
+        floor = min((self.delivered(pipeline, t) for t in targets), default=START)
+        if floor == START:
+            return 0
+        with self.conn.transaction():
+            cur = self.conn.execute(
+                self._q("DELETE FROM {schema}.change WHERE pipeline = %s "
+                        "AND (commit_lsn, seq) <= (%s, %s)"),
+                (pipeline, floor.commit_lsn, floor.seq),
+            )
+            removed = cur.rowcount
+            self.conn.execute(
+                self._q("DELETE FROM {schema}.batch WHERE pipeline = %s "
+                        "AND (last_lsn, last_seq) <= (%s, %s)"),
+                (pipeline, floor.commit_lsn, floor.seq),
+            )
+        return removed
+
+
+def _op(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
