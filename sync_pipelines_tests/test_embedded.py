@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -119,9 +121,19 @@ def test_dsn_for_database() -> None:
 # --------------------------------------------------------------------------- start_embedded
 
 
+@pytest.fixture(scope="module")
+def cluster_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stopped, initialized data dir: copying it is ~10x faster than initdb."""
+    handle = start_embedded(tmp_path_factory.mktemp("template") / "data", fast=True)
+    handle.stop()
+    return handle.data_dir
+
+
 @pytest.fixture
-def embedded(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
-    handle = start_embedded(tmp_path / "nested" / "data", fast=True)
+def embedded(tmp_path: Path, cluster_template: Path) -> Iterator[EmbeddedPostgres]:
+    data_dir = tmp_path / "data"
+    subprocess.run(["cp", "-a", str(cluster_template), str(data_dir)], check=True)  # keeps owners
+    handle = start_embedded(data_dir, fast=True)
     yield handle
     handle.stop()
 
@@ -222,13 +234,12 @@ def test_killed_server_recovers_with_its_data(embedded: EmbeddedPostgres) -> Non
 
     with psycopg.connect(embedded.uri, autocommit=True) as conn:
         conn.execute("create table survivor as select 7 as id")
-        pid = int(str(conn.execute("select pg_backend_pid()").fetchone()[0]))  # type: ignore[index]
-    postmaster = psutil.Process(pid).parent()
-    assert postmaster is not None
+    pidfile = embedded.data_dir / "postmaster.pid"
+    postmaster = psutil.Process(int(pidfile.read_text().splitlines()[0]))
     children = postmaster.children()
     postmaster.kill()  # SIGKILL: no shutdown checkpoint, postmaster.pid stays behind
     psutil.wait_procs([postmaster, *children], timeout=10)
-    assert (embedded.data_dir / "postmaster.pid").exists()
+    assert pidfile.exists()
     again = start_embedded(embedded.data_dir, fast=True)
     assert _scalar(again.uri, "select id from survivor") == 7
     assert "database system was interrupted" in (embedded.data_dir / "log").read_text()
@@ -236,9 +247,6 @@ def test_killed_server_recovers_with_its_data(embedded: EmbeddedPostgres) -> Non
 
 def test_truncated_pid_file_of_dead_server_is_removed(embedded: EmbeddedPostgres) -> None:
     embedded.stop()
-    import subprocess
-    import sys
-
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
     )
@@ -249,7 +257,7 @@ def test_truncated_pid_file_of_dead_server_is_removed(embedded: EmbeddedPostgres
 
 
 def test_start_failure_reports_log_tail(tmp_path: Path) -> None:
-    data_dir = tmp_path / "bad"
+    data_dir = tmp_path / "not" / "yet" / "there"  # parents are created
     handle = start_embedded(data_dir, fast=True)
     handle.stop()
     with (data_dir / "postgresql.conf").open("a") as fh:

@@ -14,7 +14,6 @@ For a pipeline ``p`` with targets ``t1..tn``:
 Bodies stay thin: each calls one engine function and turns its report into metadata.
 """
 
-from __future__ import annotations
 
 from datetime import datetime, timezone
 from typing import Any

@@ -4,7 +4,6 @@ Credentials never pass through Dagster config: the spec names the environment va
 hold each DSN and the engine reads them when it connects.
 """
 
-from __future__ import annotations
 
 import dagster as dg
 

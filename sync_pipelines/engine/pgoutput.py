@@ -36,6 +36,7 @@ All integers are big-endian. ``String`` is NUL-terminated. LSNs are ``uint64``; 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Final
@@ -470,7 +471,7 @@ def _logical_message(buf: bytes) -> tuple[LogicalMessage, int]:
     return LogicalMessage(bool(flags & 1), lsn, prefix, buf[start:pos]), pos
 
 
-_DECODERS: Final = {
+_DECODERS: Final[dict[int, Callable[[bytes], tuple[Message, int]]]] = {
     ord("B"): _begin,
     ord("C"): _commit,
     ord("O"): _origin,

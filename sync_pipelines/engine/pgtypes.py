@@ -282,8 +282,6 @@ def _parse_array_general(text: str, element: Converter) -> list[Any]:
             if stack:
                 stack[-1].append(child)
             else:
-                if state != _AFTER_COMMA or root:
-                    raise ValueError(f"malformed array: {text!r}")
                 root = child
             stack.append(child)
             state = _AFTER_OPEN
@@ -299,16 +297,13 @@ def _parse_array_general(text: str, element: Converter) -> list[Any]:
         else:
             if state == _AFTER_ITEM or not stack:
                 raise ValueError(f"malformed array: unexpected element at {m.start()}: {text!r}")
-            if quoted is not None:
-                if "\\" in quoted:
-                    quoted = _ARRAY_UNESCAPE.sub(r"\1", quoted)
-                stack[-1].append(element(quoted))
-            elif bare.upper() == "NULL":
+            item = quoted if quoted is not None else (bare or "")
+            if quoted is None and item.upper() == "NULL":
                 stack[-1].append(None)
             else:
-                if "\\" in bare:
-                    bare = _ARRAY_UNESCAPE.sub(r"\1", bare)
-                stack[-1].append(element(bare))
+                if "\\" in item:
+                    item = _ARRAY_UNESCAPE.sub(r"\1", item)
+                stack[-1].append(element(item))
             state = _AFTER_ITEM
     if state != _DONE:
         raise ValueError(f"malformed array (unbalanced braces): {text!r}")

@@ -78,3 +78,19 @@ def stale_batch(spec: SyncSpec, name: str) -> BatchInfo | None:
 def mark_requested(spec: SyncSpec, name: str, batch_ids: list[int]) -> None:
     with open_state(spec) as state:
         state.mark_requested(name, batch_ids)
+
+
+def compare_tables(spec: SyncSpec, name: str) -> list[str]:
+    """Differences between the source and each target (empty when they match)."""
+    from .verify import compare_pipeline
+
+    pipeline = spec.pipelines[name]
+    problems = []
+    source_dsn = pipeline.source.resolve(f"pipeline {name!r}: source")
+    for target, tspec in pipeline.targets.items():
+        target_dsn = tspec.resolve(f"pipeline {name!r}: target {target!r}")
+        for d in compare_pipeline(source_dsn, target_dsn, pipeline):
+            if not d.clean:
+                problems.append(f"{target}/{d.table}: {d.missing} missing, {d.extra} extra, "
+                                f"{d.different} different; e.g. {d.sample[:3]}")
+    return problems

@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 
 from .errors import SlotConflictError, SourceConfigError, SourceUnavailableError
-from .pgoutput import format_lsn, parse_lsn
+from .pgoutput import Column, Relation, format_lsn, parse_lsn
 from .spec import PipelineSpec
 
 
@@ -238,3 +238,30 @@ class Source:
             ) from None
         return parse_lsn(row[0]) if row and row[0] else lsn
 
+
+
+def describe_relation(conn: psycopg.Connection[Any], table: str) -> Relation:
+    """The table's current shape as a pgoutput-style :class:`Relation` (from the catalog)."""
+    row = conn.execute(
+        "SELECT c.oid, c.relreplident FROM pg_class c WHERE c.oid = to_regclass(%s)",
+        (sql.Identifier(*table.split(".")).as_string(conn),),
+    ).fetchone()
+    if row is None:
+        raise SourceConfigError(f"table {table} does not exist")
+    oid, ident = int(row[0]), row[1]
+    ident = ident.decode() if isinstance(ident, bytes) else str(ident)
+    cols = conn.execute(
+        """
+        SELECT a.attname, a.atttypid::int, a.atttypmod,
+               coalesce(a.attnum = ANY(i.indkey), false) OR %s = 'f'
+        FROM pg_attribute a
+        LEFT JOIN pg_index i ON i.indrelid = a.attrelid
+             AND (CASE WHEN %s = 'i' THEN i.indisreplident ELSE i.indisprimary END)
+        WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+        ORDER BY a.attnum
+        """,
+        (ident, ident, oid),
+    ).fetchall()
+    namespace, name = table.split(".")
+    return Relation(oid, namespace, name, ident,
+                    tuple(Column(n, t, m, bool(k)) for n, t, m, k in cols))
