@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 from sync_pipelines.engine.embedded import EmbeddedPostgres, ensure_database, start_embedded
+from sync_pipelines.engine.pipeline import pull_pipeline
+from sync_pipelines.engine.spec import load_spec
 
 DATABASES = {"dagster": "dagster", "state": "sync_state", "source": "crm", "target": "reporting"}
 
@@ -45,8 +47,6 @@ def prepare_environment(home: Path, spec: Path) -> EmbeddedPostgres:
         ensure_database(pg.uri, name)
     source = pg.dsn(DATABASES["source"])
     generator.apply_schema(source)
-    if generator.seed(source):
-        print("seeded the demo CRM (customers, contacts, deals)")
     dagster_home = home / "dagster"
     dagster_home.mkdir(exist_ok=True)
     shutil.copyfile(_repo_file("dagster.yaml"), dagster_home / "dagster.yaml")
@@ -58,6 +58,13 @@ def prepare_environment(home: Path, spec: Path) -> EmbeddedPostgres:
         "SYNC_TARGET_DSN": pg.dsn(DATABASES["target"]),
         "SYNC_SPEC": str(spec),
     })
+    # Create publications and slots before seeding, so the seed rows flow through the stream
+    # too (an initial backfill of rows that predate the slot is a separate feature).
+    spec_model = load_spec(spec)
+    for name in spec_model.pipelines:
+        pull_pipeline(spec_model, name)
+    if generator.seed(source):
+        print("seeded the demo CRM (customers, contacts, deals)")
     return pg
 
 
@@ -78,8 +85,6 @@ def smoke(spec_path: Path) -> int:
     for name in spec.pipelines:
         sensor = defs.get_sensor_def(f"{name}_replication_sensor")
         job = defs.resolve_job_def(f"{name}_deliver_job")
-        # The first tick creates the slot; changes made after it are captured.
-        _tick(sensor, instance, resources, job)
         gen = ChangeGenerator(os.environ["SYNC_SOURCE_DSN"], rate=200, seed_value=1)
         gen.start()
         time.sleep(2)

@@ -26,7 +26,7 @@ from sync_pipelines_tests.fixtures.pg import PgServer, drop_database
 
 def _scalar(dsn: str, query: str, params: tuple[object, ...] = ()) -> object:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(query, params).fetchone()  # type: ignore[arg-type]
+        row = conn.execute(query, params).fetchone()
     assert row is not None
     return row[0]
 

@@ -21,7 +21,7 @@ from typing import Any
 import dagster as dg
 
 from sync_pipelines.engine import pipeline as engine
-from sync_pipelines.engine.errors import SyncError
+from sync_pipelines.engine.errors import SyncError, Transient
 from sync_pipelines.engine.pgoutput import format_lsn
 from sync_pipelines.engine.spec import PipelineSpec
 
@@ -76,7 +76,9 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
         try:
             reports = engine.deliver_pipeline(sync.spec(), p, upto_batch=config.upto_batch)
         except SyncError as err:
-            raise SyncStepFailed(str(err)) from None
+            # dg.Failure shows the engine's message (which names the fix) in the UI as is.
+            raise dg.Failure(description=str(err), metadata={
+                "error": type(err).__name__, "transient": isinstance(err, Transient)}) from None
         for r in reports:
             context.log.info(
                 f"{p} → {r.target}: {r.changes} changes in {len(r.batches)} batch(es) "

@@ -593,7 +593,10 @@ def start_system_postgres(bin_dir: Path, data_dir: Path, *, fast: bool = True) -
             with contextlib.suppress(OSError):
                 socket_dir.rmdir()
             raise
-        return _socket_uri(socket_dir, DEFAULT_PORT, "postgres")
+        running = _live_postmaster(data_dir)  # the port may come from PGPORT: ask the pid file
+        if running is None:
+            raise EmbeddedPostgresError(f"server on {data_dir} exited\n{_log_tail(log_file)}")
+        return _socket_uri(running[0], running[1], "postgres")
 
     def stop() -> None:
         if _live_postmaster(data_dir) is None:
