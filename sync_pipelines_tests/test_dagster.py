@@ -110,7 +110,7 @@ def test_dagster_definitions_validate_cli_reports_bad_spec(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-m",
          "sync_pipelines.definitions"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
     assert proc.returncode != 0
     assert f"{path}: pipeline 'crm', targets: Value error, at least one target" in (

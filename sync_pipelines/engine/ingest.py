@@ -197,6 +197,9 @@ def pull(
             target = max(target or 0, flush_before)
         advanced = None
         if target is not None and target > slot.confirmed_flush_lsn:
+            # Record the advance before making it: a crash between the two must not look, on
+            # the next pull, like the slot having been advanced by someone else.
+            state.record_advance(pipeline.name, target)
             advanced = source.advance(target)
             state.record_advance(pipeline.name, advanced)
         faults.hit("after_advance")

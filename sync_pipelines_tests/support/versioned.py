@@ -49,7 +49,8 @@ def create_versioned_tables(source_dsn: str, target_dsn: str) -> None:
 def fail_once_on(target_dsn: str, item_id: int) -> None:
     """Make the target raise once, mid-apply, when the sink writes row ``item_id``.
 
-    A BEFORE trigger raises on the first write of that row only. "First" is remembered in a
+    A BEFORE trigger raises a serialization failure (SQLSTATE 40001, what a concurrent writer
+    can cause for real) on the first write of that row only. "First" is remembered in a
     sequence, which — unlike a table — is not rolled back with the failed transaction.
     """
     execute(
@@ -59,7 +60,8 @@ def fail_once_on(target_dsn: str, item_id: int) -> None:
         CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             IF NEW.id = {int(item_id)} AND nextval('fail_once') = 1 THEN
-                RAISE EXCEPTION 'injected target failure on item %', NEW.id;
+                RAISE EXCEPTION 'injected target failure on item %', NEW.id
+                    USING ERRCODE = 'serialization_failure';
             END IF;
             RETURN NEW;
         END $$
