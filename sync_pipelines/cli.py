@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -121,6 +122,8 @@ def _tick(sensor, instance, resources, job) -> int:  # type: ignore[no-untyped-d
 
 
 def demo(args: argparse.Namespace) -> int:
+    # SIGTERM (a service manager, `timeout`) takes the same clean path as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     spec = _repo_file(args.spec).resolve()
     pg = prepare_environment(Path(args.home).resolve(), spec)
     try:

@@ -1,0 +1,184 @@
+"""Pull-based flow control: the demand budget, transactions larger than it, zero demand,
+overlapping pulls and an idle slot.
+
+Checks, against real PostgreSQL, what a pull stages (``sync_state.batch`` in the state DB) and
+where it leaves the slot (``confirmed_flush_lsn`` in ``pg_replication_slots``). Covers
+:mod:`sync_pipelines.engine.ingest` through ``pull_pipeline``; delivery is only used to make
+room in the budget. Does not touch the Dagster sensor, which merely calls ``pull_pipeline``.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+from sync_pipelines.engine.pgoutput import parse_lsn
+from sync_pipelines.engine.pipeline import deliver_pipeline, pull_pipeline
+from sync_pipelines.engine.state import StateStore
+
+from .support.pipelines import assert_tables_equal, execute, make_spec, rows, sync_until_idle
+
+
+def undelivered(state_dsn: str) -> int:
+    """Changes staged and not yet delivered: what the budget limits."""
+    return rows(state_dsn, "SELECT coalesce(sum(n_changes), 0)::int FROM sync_state.batch")[0][0]
+
+
+def confirmed_flush(source_dsn: str) -> int:
+    return parse_lsn(rows(source_dsn, "SELECT confirmed_flush_lsn::text FROM "
+                                      "pg_replication_slots WHERE slot_name = 'sync_crm'")[0][0])
+
+
+def current_lsn(source_dsn: str) -> int:
+    return parse_lsn(rows(source_dsn, "SELECT pg_current_wal_lsn()::text")[0][0])
+
+
+def setup(monkeypatch, source_dsn, target_dsn, state_dsn, *, budget: int, batch: int):
+    execute(source_dsn, "CREATE TABLE items (id int PRIMARY KEY, v int, note text)",
+            "CREATE TABLE other (id int PRIMARY KEY, v int)")
+    spec = make_spec(monkeypatch, source_dsn=source_dsn, target_dsn=target_dsn,
+                     state_dsn=state_dsn, tables=["items"],
+                     policy={"demand_budget": budget, "batch_size": batch})
+    assert pull_pipeline(spec, "crm").changes == 0  # creates the slot
+    return spec
+
+
+def small_transactions(source_dsn: str, n: int) -> int:
+    """``n`` transactions of 1-3 changes each; returns the number of changes."""
+    changes = 0
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        for i in range(n):
+            with conn.transaction():
+                conn.execute("INSERT INTO items VALUES (%s, 0, 'n')", (i,))
+                changes += 1
+                if i % 2:
+                    conn.execute("UPDATE items SET v = v + 1 WHERE id = %s", (i - 1,))
+                    changes += 1
+                if i % 5 == 4:
+                    conn.execute("DELETE FROM items WHERE id = %s", (i - 3,))
+                    changes += 1
+    return changes
+
+
+def test_budget_is_never_exceeded_with_many_small_transactions(
+    monkeypatch, source_dsn, target_dsn, state_dsn
+):
+    budget = 120
+    spec = setup(monkeypatch, source_dsn, target_dsn, state_dsn, budget=budget, batch=25)
+    total = small_transactions(source_dsn, 400)
+    assert total > 5 * budget
+    staged = 0
+    peak = 0
+    stopped_by_demand = 0
+    for _ in range(500):
+        report = pull_pipeline(spec, "crm")
+        held = undelivered(state_dsn)
+        # The budget bounds what is held after every pull, and a pull never takes more than
+        # the demand it computed.
+        assert held <= budget, f"{held} undelivered changes staged, budget {budget}"
+        assert report.changes <= report.demand
+        assert report.demand == budget - report.undelivered_before
+        staged += report.changes
+        peak = max(peak, held)
+        stopped_by_demand += report.stopped_by_demand
+        # Deliver only the oldest batch: the budget stays under pressure.
+        oldest = rows(state_dsn, "SELECT min(batch_id) FROM sync_state.batch")[0][0]
+        if oldest is None and report.changes == 0:
+            break
+        deliver_pipeline(spec, "crm", upto_batch=oldest)
+    else:
+        raise AssertionError("pipeline did not drain")
+    assert staged == total  # nothing lost, nothing staged twice
+    assert peak > budget - 25, f"the budget was never approached (peak {peak})"
+    assert stopped_by_demand > 0, "no pull was ever limited by demand"
+    assert_tables_equal(source_dsn, target_dsn, "items")
+
+
+def test_transaction_larger_than_budget_is_staged_across_pulls(
+    monkeypatch, source_dsn, target_dsn, state_dsn
+):
+    budget, size = 300, 1000
+    spec = setup(monkeypatch, source_dsn, target_dsn, state_dsn, budget=budget, batch=50)
+    slot_before = confirmed_flush(source_dsn)
+    execute(source_dsn, f"INSERT INTO items SELECT g, g, 'big' FROM generate_series(1, {size}) g")
+    staged, pulls, commit_lsn = 0, 0, None
+    while staged < size:
+        report = pull_pipeline(spec, "crm")
+        pulls += 1
+        assert 0 < report.changes <= budget, report
+        assert undelivered(state_dsn) <= budget
+        commit_lsn = report.batches[0].first.commit_lsn
+        assert all(b.first.commit_lsn == b.last.commit_lsn == commit_lsn for b in report.batches)
+        staged += report.changes
+        slot = confirmed_flush(source_dsn)
+        if staged < size:
+            # Part of the transaction is staged: the slot stays before it.
+            assert report.stopped_by_demand
+            assert slot == slot_before and slot < commit_lsn, (
+                f"slot moved to {slot:X} with {staged}/{size} changes of the transaction "
+                f"committed at {commit_lsn:X} staged")
+        else:
+            # Fully staged: now, and only now, the slot passes its commit.
+            assert slot > commit_lsn
+        deliver_pipeline(spec, "crm")
+        assert pulls < 10
+    assert staged == size
+    assert pulls == -(-size // budget)  # ceil: each pull took a full budget's worth
+    assert pull_pipeline(spec, "crm").changes == 0
+    assert_tables_equal(source_dsn, target_dsn, "items")
+
+
+def test_zero_demand_skips_and_stages_nothing(monkeypatch, source_dsn, target_dsn, state_dsn):
+    budget = 100
+    spec = setup(monkeypatch, source_dsn, target_dsn, state_dsn, budget=budget, batch=40)
+    small_transactions(source_dsn, 200)
+    first = pull_pipeline(spec, "crm")
+    assert first.changes == budget and first.stopped_by_demand
+    batches_before = rows(state_dsn, "SELECT batch_id, n_changes FROM sync_state.batch")
+    pipeline_before = rows(state_dsn, "SELECT staged_lsn, staged_seq, advanced_lsn "
+                                      "FROM sync_state.pipeline")
+    slot_before = confirmed_flush(source_dsn)
+
+    second = pull_pipeline(spec, "crm")  # nothing was delivered: no room
+    assert second.skipped is not None and "demand" in second.skipped, second.skipped
+    assert second.changes == 0 and second.batches == () and second.demand == 0
+    assert rows(state_dsn, "SELECT batch_id, n_changes FROM sync_state.batch") == batches_before
+    assert rows(state_dsn, "SELECT staged_lsn, staged_seq, advanced_lsn "
+                           "FROM sync_state.pipeline") == pipeline_before
+    assert confirmed_flush(source_dsn) == slot_before
+
+    deliver_pipeline(spec, "crm")  # room again: pulling resumes
+    assert pull_pipeline(spec, "crm").changes > 0
+    sync_until_idle(spec)
+    assert_tables_equal(source_dsn, target_dsn, "items")
+
+
+def test_overlapping_pull_is_skipped(monkeypatch, source_dsn, target_dsn, state_dsn):
+    spec = setup(monkeypatch, source_dsn, target_dsn, state_dsn, budget=1000, batch=100)
+    small_transactions(source_dsn, 50)
+    slot_before = confirmed_flush(source_dsn)
+    with StateStore.connect(state_dsn) as other:  # a pull in another process holds the lock
+        assert other.try_lock("pull:crm")
+        report = pull_pipeline(spec, "crm")
+        assert report.skipped is not None and "another pull" in report.skipped, report.skipped
+        assert report.changes == 0
+        assert undelivered(state_dsn) == 0
+        assert confirmed_flush(source_dsn) == slot_before
+        other.unlock("pull:crm")
+        assert pull_pipeline(spec, "crm").changes > 0  # released: the next tick pulls
+
+
+def test_idle_slot_advances_over_unrelated_changes(monkeypatch, source_dsn, target_dsn,
+                                                   state_dsn):
+    spec = setup(monkeypatch, source_dsn, target_dsn, state_dsn, budget=1000, batch=100)
+    slot_before = confirmed_flush(source_dsn)
+    execute(source_dsn, "INSERT INTO other SELECT g, g FROM generate_series(1, 500) g",
+            "UPDATE other SET v = v + 1")
+    after_writes = current_lsn(source_dsn)
+    report = pull_pipeline(spec, "crm")
+    assert report.changes == 0 and report.batches == ()
+    assert undelivered(state_dsn) == 0
+    slot = confirmed_flush(source_dsn)
+    # The slot moved over the unrelated WAL: an idle pipeline does not hold it back.
+    assert slot >= after_writes > slot_before, (slot, after_writes, slot_before)
+    assert report.advanced_to == slot
+    assert rows(state_dsn, "SELECT advanced_lsn FROM sync_state.pipeline") == [(slot,)]
