@@ -21,7 +21,7 @@ from sync_pipelines.engine.embedded import (
     start_system_postgres,
     system_postgres_bin_dirs,
 )
-from sync_pipelines_tests.fixtures.pg import PgServer, drop_database
+from sync_pipelines_tests.fixtures.pg import PgServer, drop_database, server_tmp_dir
 
 
 def _scalar(dsn: str, query: str, params: tuple[object, ...] = ()) -> object:
@@ -122,16 +122,19 @@ def test_dsn_for_database() -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def cluster_template(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """A stopped, initialized data dir: copying it is ~10x faster than initdb."""
-    handle = start_embedded(tmp_path_factory.mktemp("template") / "data", fast=True)
+    base = server_tmp_dir(request.config, tmp_path_factory, "template")
+    handle = start_embedded(base / "data", fast=True)
     handle.stop()
     return handle.data_dir
 
 
 @pytest.fixture
-def embedded(tmp_path: Path, cluster_template: Path) -> Iterator[EmbeddedPostgres]:
-    data_dir = tmp_path / "data"
+def embedded(pg_tmp_path: Path, cluster_template: Path) -> Iterator[EmbeddedPostgres]:
+    data_dir = pg_tmp_path / "data"
     subprocess.run(["cp", "-a", str(cluster_template), str(data_dir)], check=True)  # keeps owners
     handle = start_embedded(data_dir, fast=True)
     yield handle
@@ -256,8 +259,8 @@ def test_truncated_pid_file_of_dead_server_is_removed(embedded: EmbeddedPostgres
     assert _scalar(again.uri, "select 1") == 1
 
 
-def test_start_failure_reports_log_tail(tmp_path: Path) -> None:
-    data_dir = tmp_path / "not" / "yet" / "there"  # parents are created
+def test_start_failure_reports_log_tail(pg_tmp_path: Path) -> None:
+    data_dir = pg_tmp_path / "not" / "yet" / "there"  # parents are created
     handle = start_embedded(data_dir, fast=True)
     handle.stop()
     with (data_dir / "postgresql.conf").open("a") as fh:
@@ -279,12 +282,12 @@ def test_system_postgres_bin_dirs() -> None:
         assert (bin_dir / "postgres").exists() and (bin_dir / "pg_ctl").exists()
 
 
-def test_start_system_postgres(tmp_path: Path) -> None:
+def test_start_system_postgres(pg_tmp_path: Path) -> None:
     found = system_postgres_bin_dirs()
     if not found:
         pytest.skip("no system PostgreSQL >= 14 installed (e.g. /usr/lib/postgresql/<v>/bin)")
     version, bin_dir = found[-1]
-    handle = start_system_postgres(bin_dir, tmp_path / "sys" / "data", fast=True)
+    handle = start_system_postgres(bin_dir, pg_tmp_path / "sys" / "data", fast=True)
     try:
         assert handle.version == version
         assert len(str(handle.socket_dir)) < 30
