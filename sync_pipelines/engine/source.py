@@ -27,6 +27,12 @@ from .pgoutput import Column, Relation, format_lsn, parse_lsn
 from .spec import PipelineSpec
 
 
+TEXT_FORMAT_SETTINGS = (
+    "SET datestyle = 'ISO, YMD'; SET intervalstyle = 'postgres'; SET timezone = 'UTC'; "
+    "SET extra_float_digits = 3; SET bytea_output = 'hex'"
+)
+
+
 @dataclass(frozen=True)
 class SlotInfo:
     name: str
@@ -56,6 +62,9 @@ class Source:
                 f"{self._where}: cannot connect ({_first_line(err)}); check the DSN in "
                 f"${pipeline.source.dsn_env}"
             ) from None
+        # pgoutput renders values with this session's output settings: pin them, so the
+        # text a target parses never depends on a server's or a role's defaults.
+        self.conn.execute(TEXT_FORMAT_SETTINGS)
 
     def close(self) -> None:
         self.conn.close()

@@ -19,7 +19,7 @@ from psycopg import sql
 
 from . import pgtypes
 from .mapping import TableMapper
-from .source import describe_relation
+from .source import TEXT_FORMAT_SETTINGS, describe_relation
 from .spec import PipelineSpec
 
 
@@ -111,4 +111,6 @@ def compare_table(source: psycopg.Connection[Any], target: psycopg.Connection[An
 def compare_pipeline(source_dsn: str, target_dsn: str, pipeline: PipelineSpec
                      ) -> list[TableDrift]:
     with psycopg.connect(source_dsn) as src, psycopg.connect(target_dsn) as tgt:
+        for conn in (src, tgt):
+            conn.execute(TEXT_FORMAT_SETTINGS)
         return [compare_table(src, tgt, pipeline, t) for t in pipeline.tables]

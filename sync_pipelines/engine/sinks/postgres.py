@@ -29,6 +29,7 @@ from psycopg.types.json import Jsonb
 from ..compaction import TableOps, compact
 from ..errors import TerminalDeliveryError, TransientDeliveryError
 from ..mapping import TableMapper, TargetOp, Upsert
+from ..source import TEXT_FORMAT_SETTINGS
 from ..spec import PostgresTargetSpec
 from ..state import START, Position
 
@@ -70,6 +71,8 @@ class PostgresSink:
             raise TransientDeliveryError(
                 f"{self._where}: cannot connect ({_first_line(err)}); check ${spec.dsn_env}"
             ) from None
+        with self.conn.transaction():
+            self.conn.execute(TEXT_FORMAT_SETTINGS)  # parse values as the source wrote them
         self._ckpt = sql.Identifier(spec.checkpoint_schema, "checkpoint")
         self._columns: dict[str, dict[str, str]] = {}  # table → column → type
         self._keys: dict[str, list[str]] = {}
@@ -90,6 +93,7 @@ class PostgresSink:
 
     def _ensure_checkpoint_table(self) -> None:
         with self._errors("creating the checkpoint table"), self.conn.transaction():
+            self._lock_ddl()
             self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
                 sql.Identifier(self.spec.checkpoint_schema)))
             self.conn.execute(sql.SQL(
@@ -97,6 +101,12 @@ class PostgresSink:
                 "commit_lsn bigint NOT NULL, seq integer NOT NULL, batch_id bigint NOT NULL, "
                 "applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, target))"
             ).format(self._ckpt))
+
+    def _lock_ddl(self) -> None:
+        """Serialise our DDL on this target: concurrent ``CREATE ... IF NOT EXISTS`` of the
+        same schema or table can fail with a unique violation in the catalog."""
+        self.conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext('sync_pipelines:ddl'))",
+                          (0x5359,))
 
     def checkpoint(self) -> Position:
         """The position of the last change applied to this target (authoritative)."""
@@ -114,6 +124,7 @@ class PostgresSink:
         if (tm.target_table, relation_version) in self._prepared:
             return
         with self._errors(f"preparing table {tm.target_table}"), self.conn.transaction():
+            self._lock_ddl()
             cols = self._load_columns(tm.target_table)
             if cols is None:
                 if not self.spec.create_tables:
