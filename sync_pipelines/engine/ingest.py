@@ -89,6 +89,21 @@ class _Puller:
     seq: int = 0
     stopped: bool = False
 
+    def skip_staged(self, data: bytes) -> bool:
+        """Count, without decoding, a row change already staged (a re-peek of a transaction
+        staged across pulls, or after a crash): the hot path when a giant transaction is
+        taken in several pulls."""
+        begin = self.begin
+        if begin is None or data[:1] not in (b"I", b"U", b"D"):
+            return False
+        staged = self.staged
+        if begin.final_lsn < staged.commit_lsn or (
+            begin.final_lsn == staged.commit_lsn and self.seq <= staged.seq
+        ):
+            self.seq += 1
+            return True
+        return False
+
     def feed(self, msg: po.Message) -> None:
         if isinstance(msg, po.Begin):
             self.begin, self.seq = msg, 0
@@ -179,10 +194,15 @@ def pull(
         flush_before = source.flush_lsn()
         puller = _Puller(pipeline, state, st.staged, demand, faults)
         rows = 0
-        with source.peek(demand, pipeline.policy.fetch_chunk) as messages:
+        # `upto_nchanges` counts protocol rows, not changes: a one-change transaction is three
+        # (BEGIN, change, COMMIT). Ask for enough rows to fill the demand; the puller itself
+        # stops at `demand` changes.
+        upto = 3 * demand + len(pipeline.tables)
+        with source.peek(upto, pipeline.policy.fetch_chunk) as messages:
             for data in messages:
                 rows += 1
-                puller.feed(po.decode_message(data))
+                if not puller.skip_staged(data):
+                    puller.feed(po.decode_message(data))
                 if puller.stopped:
                     break
         puller.flush()
@@ -192,7 +212,7 @@ def pull(
         # fewer rows than that and no stop of ours, the slot was read to its end: every
         # transaction that committed before flush_before has been seen, so the slot may move
         # that far even if none of them touched our tables (an idle pipeline then holds no WAL).
-        exhausted = not puller.stopped and rows < demand
+        exhausted = not puller.stopped and rows < upto
         if exhausted:
             target = max(target or 0, flush_before)
         advanced = None
