@@ -99,7 +99,8 @@ def test_transaction_larger_than_budget_is_staged_across_pulls(
     budget, size = 300, 1000
     spec = setup(monkeypatch, source_dsn, target_dsn, state_dsn, budget=budget, batch=50)
     slot_before = confirmed_flush(source_dsn)
-    execute(source_dsn, f"INSERT INTO items SELECT g, g, 'big' FROM generate_series(1, {size}) g")
+    rows(source_dsn, "INSERT INTO items SELECT g, g, 'big' FROM generate_series(1, %s) g "
+                     "RETURNING NULL", (size,))  # one transaction
     staged, pulls, commit_lsn = 0, 0, None
     while staged < size:
         report = pull_pipeline(spec, "crm")

@@ -7,9 +7,11 @@ applying every operation one by one would. This is what lets a Postgres sink app
 one bulk transaction while keeping per-key order: within one atomic transaction only the final
 state per key is observable.
 
-* ``Upsert`` after ``Upsert``: the later row wins; a partial row (unchanged TOAST columns left
-  out) is merged over the earlier one.
-* ``Delete`` after anything: delete.  ``Upsert`` after ``Delete``: upsert (the row is new).
+* ``Upsert`` after ``Upsert``: the later row is merged over the earlier one (column by column,
+  later wins), as a row may not carry every column: a partial row leaves out unchanged TOAST
+  columns, a row of a later relation version lacks dropped columns.
+* ``Delete`` after anything: delete.  ``Upsert`` after ``Delete``: the delete stays too (listed
+  in ``deletes``), so the upsert inserts a new row rather than merging into the deleted one.
 * ``Truncate``: forget every earlier operation on the table; later ones still apply.
 
 Pure and in memory: its size is bounded by the batch it is given.
@@ -27,10 +29,16 @@ from .mapping import Delete, Key, TargetOp, Truncate, Upsert
 class TableOps:
     truncate: bool = False
     final: dict[Key, Upsert | Delete] = field(default_factory=dict)
+    # Keys deleted earlier in the batch whose final op is an upsert: the row is deleted first,
+    # or an upsert that does not carry every column would merge into the deleted row.
+    deleted_first: set[Key] = field(default_factory=set)
 
     @property
     def deletes(self) -> list[Delete]:
-        return [op for op in self.final.values() if isinstance(op, Delete)]
+        return [op for op in self.final.values() if isinstance(op, Delete)] + [
+            Delete(op.table, op.key, op.position) for op in self.final.values()
+            if isinstance(op, Upsert) and op.key in self.deleted_first
+        ]
 
     @property
     def upserts(self) -> list[Upsert]:
@@ -46,9 +54,15 @@ def compact(ops: Iterable[TargetOp]) -> dict[str, TableOps]:
         if isinstance(op, Truncate):
             t.truncate = True
             t.final.clear()
+            t.deleted_first.clear()
             continue
         prev = t.final.get(op.key)
-        if isinstance(op, Upsert) and op.partial and isinstance(prev, Upsert):
-            op = Upsert(op.table, op.key, {**prev.row, **op.row}, prev.partial, op.position)
+        if isinstance(op, Upsert) and isinstance(prev, Upsert):
+            # Merge even full rows: a full row of a narrower relation version (after a DROP
+            # COLUMN) does not carry every target column either.
+            op = Upsert(op.table, op.key, {**prev.row, **op.row}, prev.partial and op.partial,
+                        op.position)
+        elif isinstance(op, Upsert) and isinstance(prev, Delete):
+            t.deleted_first.add(op.key)
         t.final[op.key] = op
     return tables

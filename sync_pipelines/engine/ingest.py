@@ -5,8 +5,8 @@ This is the engine function behind a pipeline's replication sensor. One call:
 1. takes the pipeline's advisory lock in the state DB (an overlapping tick returns at once);
 2. checks the source and the slot (created if missing; moved by someone else → error);
 3. computes ``demand = budget − staged-but-undelivered`` and returns a skip reason at zero;
-4. peeks at most ``demand`` changes through a server-side cursor and decodes them, staging
-   them in batches of ``batch_size`` (each batch one state transaction);
+4. peeks through a server-side cursor and decodes, staging at most ``demand`` changes in
+   batches of ``batch_size`` (each batch one state transaction);
 5. only then advances the slot — and only to the end of the last transaction staged whole.
 
 Invariants:

@@ -206,7 +206,14 @@ class TableMapper:
         def coerce(v: Any) -> Any:
             # Compare like with like: a YAML string against a timestamptz column is parsed
             # with the column's own converter.
-            return conv(v) if isinstance(v, str) else v
+            try:
+                return conv(v) if isinstance(v, str) else v
+            except ValueError as err:
+                raise SpecError(
+                    f"pipeline {self.pipeline!r}, table {self.source_table}: filter on "
+                    f"{f.column!r}: value {v!r} is not a valid "
+                    f"{pgtypes.OID_NAMES.get(oid, 'value')} ({err})"
+                ) from None
 
         if f.op == "is_null":
             return i, lambda v: v is None

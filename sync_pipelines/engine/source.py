@@ -26,7 +26,6 @@ from .errors import SlotConflictError, SourceConfigError, SourceUnavailableError
 from .pgoutput import Column, Relation, format_lsn, parse_lsn
 from .spec import PipelineSpec
 
-
 TEXT_FORMAT_SETTINGS = (
     "SET datestyle = 'ISO, YMD'; SET intervalstyle = 'postgres'; SET timezone = 'UTC'; "
     "SET extra_float_digits = 3; SET bytea_output = 'hex'"
