@@ -140,6 +140,11 @@ def one(dsn: str, query: Any, params: Any = None) -> Any:
     return row[0] if row else None
 
 
+def first(conn: psycopg.Connection[Any], query: Any, params: Any = None) -> Any:
+    row = conn.execute(query, params).fetchone()
+    return row[0] if row else None
+
+
 def execute(dsn: str, *statements: Any) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         for s in statements:
@@ -184,6 +189,7 @@ def drain_main(config: dict[str, Any]) -> None:
     pull_s = deliver_s = 0.0
     pulled = delivered = rounds = batches = 0
     skips: dict[str, int] = {}
+    detail: list[dict[str, Any]] = []
     started = now()
     if profiler is not None:
         profiler.enable()
@@ -202,6 +208,9 @@ def drain_main(config: dict[str, Any]) -> None:
         batches += len(pr.batches)
         got = sum(r.changes for r in reports)
         delivered += got
+        detail.append({"pull_s": round(t1 - t0, 4), "pulled": pr.changes,
+                       "batches": len(pr.batches), "deliver_s": round(t2 - t1, 4),
+                       "delivered": got, "skipped": pr.skipped})
         if pr.skipped:
             reason = re.sub(r"\d[\d,]*", "N", pr.skipped)
             skips[reason] = skips.get(reason, 0) + 1
@@ -227,6 +236,7 @@ def drain_main(config: dict[str, Any]) -> None:
         "after_import_rss_kb": imported_kb,
         "peak_rss_kb": cpu1.ru_maxrss,  # Linux: kilobytes
         "pull_skips": skips,
+        "rounds_detail": detail,
     }
     if profiler is not None:
         prof_path = Path(config["profile"])
@@ -241,20 +251,73 @@ def drain_main(config: dict[str, Any]) -> None:
     print(json.dumps(out))
 
 
-def run_drain(policy: dict[str, Any], *, profile: Path | None, max_rounds: int) -> dict[str, Any]:
+def run_drain(policy: dict[str, Any], *, profile: Path | None, max_rounds: int,
+              py_spy: Path | None = None) -> dict[str, Any]:
     """Run the drain in a fresh interpreter so its ru_maxrss covers only the drain."""
     config = {"policy": policy, "max_rounds": max_rounds,
               "profile": str(profile) if profile else None}
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--drain", json.dumps(config)],
-        capture_output=True, text=True, env=os.environ.copy(),
-    )
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--drain", json.dumps(config)]
+    if py_spy is not None:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        cmd = [spy, "record", "--idle", "--format", "raw", "--rate", "250", "--output", str(py_spy),
+               "--"] + cmd
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"drain subprocess failed with exit code {proc.returncode}")
     if proc.stderr.strip():
         sys.stderr.write(proc.stderr)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    last = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
+    out: dict[str, Any] = json.loads(last)
+    if py_spy is not None:
+        out["py_spy_file"] = str(py_spy)
+        out["py_spy"] = summarize_py_spy(py_spy)
+    return out
+
+
+def summarize_py_spy(path: Path, top: int = 25) -> dict[str, Any]:
+    """Shares of wall-clock samples (py-spy ``--idle``) from the collapsed stacks.
+
+    ``self``/``inclusive``: per function. ``engine_lines``: per deepest frame inside
+    ``sync_pipelines/engine`` (file:line as of the run), split into time waiting for the server
+    (the stack ends in psycopg's ``Connection.wait``) and CPU time in this process.
+    """
+    self_n: dict[str, int] = {}
+    incl_n: dict[str, int] = {}
+    eng_wait: dict[str, int] = {}
+    eng_cpu: dict[str, int] = {}
+    total = waiting = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        funcs = [re.sub(r" \((?:.*/)?([^/]+\.py)(?::\d+)?\)", r" (\1)", f) for f in frames]
+        self_n[funcs[-1]] = self_n.get(funcs[-1], 0) + n
+        for f in set(funcs):
+            incl_n[f] = incl_n.get(f, 0) + n
+        is_wait = frames[-1].startswith("Connection.wait ")
+        waiting += n if is_wait else 0
+        engine = [f for f in frames if "sync_pipelines/engine/" in f]
+        key = (re.sub(r"\((?:.*/)?sync_pipelines/engine/", "(", engine[-1]) if engine
+               else "(outside the engine) " + funcs[-1])
+        bucket = eng_wait if is_wait else eng_cpu
+        bucket[key] = bucket.get(key, 0) + n
+    total = max(total, 1)
+
+    def table(d: dict[str, int]) -> list[tuple[str, float]]:
+        return [(k, v / total) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+
+    keys = set(eng_wait) | set(eng_cpu)
+    lines = sorted(keys, key=lambda k: -(eng_wait.get(k, 0) + eng_cpu.get(k, 0)))[:top]
+    return {
+        "samples": total, "waiting_share": waiting / total,
+        "self": table(self_n), "inclusive": table(incl_n),
+        "engine_lines": [(k, (eng_wait.get(k, 0) + eng_cpu.get(k, 0)) / total,
+                          eng_wait.get(k, 0) / total, eng_cpu.get(k, 0) / total) for k in lines],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,9 +360,9 @@ class Server:
                  "wal_level", "shared_buffers", "work_mem", "logical_decoding_work_mem",
                  "max_wal_size", "wal_compression"]
         with psycopg.connect(self.uri, autocommit=True) as conn:
-            out = {n: str(conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(n)))
-                          .fetchone()[0]) for n in names}
-            out["version"] = str(conn.execute("SELECT version()").fetchone()[0])
+            out = {n: str(first(conn, sql.SQL("SHOW {}").format(sql.Identifier(n))))
+                   for n in names}
+            out["version"] = str(first(conn, "SELECT version()"))
         return out
 
     def close(self, keep: bool) -> None:
@@ -455,16 +518,15 @@ def ceiling_peek_client(dsn: str, slot: str, pub: str, fetch_chunk: int,
                         decode: bool = False) -> dict[str, Any]:
     """Peek through a server-side cursor, fetching every row to the client and dropping it
     (``decode=True`` also runs the engine's pgoutput decoder on each message)."""
-    decode_message = None
-    if decode:
-        from sync_pipelines.engine.pgoutput import decode_message
+    from sync_pipelines.engine.pgoutput import decode_message
+
     n = 0
     t0 = now()
     with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction(), \
             conn.cursor(name="bench_ceiling_peek") as cur:
         cur.itersize = fetch_chunk
         cur.execute(PEEK_DATA, (slot, pub))
-        if decode_message is None:
+        if not decode:
             for _ in cur:
                 n += 1
         else:
@@ -536,8 +598,7 @@ def ceiling_copy(source_dsn: str, target_dsn: str, rows: int) -> dict[str, Any]:
                 copy.write(view[i:i + (1 << 20)])
         conn.commit()
         seconds = now() - t0
-        n = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-            sql.Identifier(COPY_TABLE))).fetchone()[0]
+        n = first(conn, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(COPY_TABLE)))
     return {"seconds": seconds, "rows": int(n), "bytes": len(data)}
 
 
@@ -562,7 +623,8 @@ def run_standard(server: Server, args: argparse.Namespace, scale: dict[str, int]
     log(f"standard: {gen['changes']:,} changes generated in {gen['generate_s']:.1f}s; draining "
         "(pull → deliver until idle) in a fresh process")
     prof = results_dir / f"{stamp}-standard.prof" if args.profile else None
-    drain = run_drain(policy, profile=prof, max_rounds=100_000)
+    spy = results_dir / f"{stamp}-standard.pyspy.txt" if args.py_spy else None
+    drain = run_drain(policy, profile=prof, max_rounds=100_000, py_spy=spy)
     check = compare(server)
     log(f"standard: drained in {drain['wall_s']:.1f}s, target equals source: {check['equal']}")
     out: dict[str, Any] = {"workload": gen, "drain": drain, "check": check}
@@ -614,7 +676,8 @@ def run_big(server: Server, args: argparse.Namespace, rows: int, policy: dict[st
     gen["wal_bytes"] = wal_bytes(src, lsn0, wal_lsn(src))
     log(f"big: generated in {gen['generate_s']:.1f}s; draining in a fresh process")
     prof = results_dir / f"{stamp}-big.prof" if args.profile else None
-    drain = run_drain(policy, profile=prof, max_rounds=100_000)
+    spy = results_dir / f"{stamp}-big.pyspy.txt" if args.py_spy else None
+    drain = run_drain(policy, profile=prof, max_rounds=100_000, py_spy=spy)
     check = compare(server)
     log(f"big: drained in {drain['wall_s']:.1f}s, target equals source: {check['equal']}")
     out: dict[str, Any] = {"workload": gen, "drain": drain, "check": check}
@@ -664,6 +727,13 @@ def machine_info() -> dict[str, Any]:
                                 "sync_pipelines"], capture_output=True, text=True,
                                timeout=10).stdout.strip()
         info["git"] = head + (" (engine has uncommitted changes)" if dirty else "")
+        info["engine_changes"] = dirty.splitlines()
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in sorted((REPO / "sync_pipelines" / "engine").rglob("*.py")):
+        digest.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
+    info["engine_sha256"] = digest.hexdigest()[:16]
     return info
 
 
@@ -680,7 +750,12 @@ def report(res: dict[str, Any]) -> str:
     w("=" * 100)
     w(f"machine   CPU {m.get('cpu_model')} — {m.get('logical_cpus')} logical CPUs"
       f" ({m.get('usable_cpus')} usable), RAM {m.get('ram_gb')} GB")
-    w(f"          {m['python']} on {m['platform']}; psycopg {m['psycopg']}; git {m.get('git')}")
+    w(f"          {m['python']} on {m['platform']}; psycopg {m['psycopg']}; git {m.get('git')}, "
+      f"engine files sha256 {m.get('engine_sha256')}")
+    la0, la1 = res.get("loadavg_start"), res.get("loadavg_end")
+    if la0 and la1:
+        w(f"          load average at start {la0[0]:.2f}, at end {la1[0]:.2f} (1 min; > 0.5 at "
+          "start means other work shared the CPUs)")
     w(f"server    PostgreSQL {s['settings']['server_version']} — {s['kind']}")
     st = s["settings"]
     w(f"          fsync={st['fsync']} synchronous_commit={st['synchronous_commit']} "
@@ -816,6 +891,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true",
                     help="run each drain under cProfile (slower; figures are then not "
                     "comparable) and print the hotspots")
+    ap.add_argument("--py-spy", action="store_true",
+                    help="sample each drain with py-spy (pip install py-spy; low overhead) and "
+                    "print the hotspots (self and inclusive share of samples)")
     ap.add_argument("--results-dir", default=str(HERE / "results"))
     ap.add_argument("--drain", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -851,6 +929,7 @@ def main(argv: list[str] | None = None) -> int:
         "references": REFERENCES,
         "machine": machine_info(),
     }
+    res["loadavg_start"] = os.getloadavg()
     log("starting the server" if not args.dsn else "connecting to --dsn")
     server = Server(args)
     try:
@@ -867,9 +946,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.close(args.keep)
     res["total_s"] = now() - started
+    res["loadavg_end"] = os.getloadavg()
     text = report(res)
     print(text)
     for name in ("standard", "big"):
+        spy = (res.get(name) or {}).get("drain", {}).get("py_spy")
+        if spy:
+            print(f"\npy-spy of the {name} drain ({spy['samples']:,} wall-clock samples, "
+                  f"{spy['waiting_share']:.0%} waiting for PostgreSQL; collapsed stacks in "
+                  f"{res[name]['drain']['py_spy_file']}):")
+            print("  by deepest engine line (share of wall time = waiting + CPU here):")
+            for key, share, waited, cpu in spy["engine_lines"]:
+                print(f"    {share:6.1%} = {waited:6.1%} + {cpu:6.1%}  {key}")
+            for kind in ("self", "inclusive"):
+                print(f"  top by {kind} time:")
+                for func, share in spy[kind]:
+                    print(f"    {share:6.1%}  {func}")
         prof = (res.get(name) or {}).get("drain", {}).get("profile")
         if prof:
             print(f"\ncProfile of the {name} drain (top 25 by tottime; full stats in "
