@@ -93,38 +93,52 @@ def test_budget_is_never_exceeded_with_many_small_transactions(
     assert_tables_equal(source_dsn, target_dsn, "items")
 
 
-def test_transaction_larger_than_budget_is_staged_across_pulls(
+def test_transaction_larger_than_budget_alone_is_taken_whole_in_batches(
+    monkeypatch, source_dsn, target_dsn, state_dsn
+):
+    # Nothing else is staged, so waiting cannot make room: the pull takes the whole
+    # transaction (the slot can only pass it whole), in batch-size chunks.
+    budget, size, batch = 300, 1000, 50
+    spec = setup(monkeypatch, source_dsn, target_dsn, state_dsn, budget=budget, batch=batch)
+    rows(source_dsn, "INSERT INTO items SELECT g, g, 'big' FROM generate_series(1, %s) g "
+                     "RETURNING NULL", (size,))  # one transaction
+    report = pull_pipeline(spec, "crm")
+    assert report.changes == size and not report.stopped_by_demand
+    assert all(b.n_changes <= batch for b in report.batches), report.batches
+    commit_lsn = report.batches[0].first.commit_lsn
+    assert confirmed_flush(source_dsn) > commit_lsn
+    # The mailbox is over budget now, so the next tick pulls nothing until delivery.
+    rows(source_dsn, "INSERT INTO items VALUES (%s, 0, 'after') RETURNING NULL", (size + 1,))
+    assert "demand" in (pull_pipeline(spec, "crm").skipped or "")
+    deliver_pipeline(spec, "crm")
+    sync_until_idle(spec)
+    assert_tables_equal(source_dsn, target_dsn, "items")
+
+
+def test_transaction_larger_than_budget_waits_behind_held_changes(
     monkeypatch, source_dsn, target_dsn, state_dsn
 ):
     budget, size = 300, 1000
     spec = setup(monkeypatch, source_dsn, target_dsn, state_dsn, budget=budget, batch=50)
+    n_small = small_transactions(source_dsn, 100)
+    assert n_small < budget
     slot_before = confirmed_flush(source_dsn)
-    rows(source_dsn, "INSERT INTO items SELECT g, g, 'big' FROM generate_series(1, %s) g "
-                     "RETURNING NULL", (size,))  # one transaction
-    staged, pulls, commit_lsn = 0, 0, None
-    while staged < size:
-        report = pull_pipeline(spec, "crm")
-        pulls += 1
-        assert 0 < report.changes <= budget, report
-        assert undelivered(state_dsn) <= budget
-        commit_lsn = report.batches[0].first.commit_lsn
-        assert all(b.first.commit_lsn == b.last.commit_lsn == commit_lsn for b in report.batches)
-        staged += report.changes
-        slot = confirmed_flush(source_dsn)
-        if staged < size:
-            # Part of the transaction is staged: the slot stays before it.
-            assert report.stopped_by_demand
-            assert slot == slot_before and slot < commit_lsn, (
-                f"slot moved to {slot:X} with {staged}/{size} changes of the transaction "
-                f"committed at {commit_lsn:X} staged")
-        else:
-            # Fully staged: now, and only now, the slot passes its commit.
-            assert slot > commit_lsn
-        deliver_pipeline(spec, "crm")
-        assert pulls < 10
-    assert staged == size
-    assert pulls == -(-size // budget)  # ceil: each pull took a full budget's worth
-    assert pull_pipeline(spec, "crm").changes == 0
+    rows(source_dsn, "INSERT INTO items SELECT g, g, 'big' FROM generate_series(1000, %s) g "
+                     "RETURNING NULL", (999 + size,))  # one transaction
+    first = pull_pipeline(spec, "crm")
+    # The small transactions plus what fits of the big one: never more than the budget while
+    # something else is held.
+    assert first.changes == budget and first.stopped_by_demand
+    assert undelivered(state_dsn) == budget
+    big_commit = first.batches[-1].last.commit_lsn
+    assert slot_before < confirmed_flush(source_dsn) < big_commit  # slot before the big one
+    assert "demand" in (pull_pipeline(spec, "crm").skipped or "")
+    deliver_pipeline(spec, "crm")
+    # Mailbox empty: the rest of the big transaction is taken whole, after what was staged.
+    second = pull_pipeline(spec, "crm")
+    assert second.changes == n_small + size - budget
+    assert confirmed_flush(source_dsn) > big_commit
+    sync_until_idle(spec)
     assert_tables_equal(source_dsn, target_dsn, "items")
 
 

@@ -5,8 +5,9 @@ This is the engine function behind a pipeline's replication sensor. One call:
 1. takes the pipeline's advisory lock in the state DB (an overlapping tick returns at once);
 2. checks the source and the slot (created if missing; moved by someone else → error);
 3. computes ``demand = budget − staged-but-undelivered`` and returns a skip reason at zero;
-4. peeks through a server-side cursor and decodes, staging at most ``demand`` changes in
-   batches of ``batch_size`` (each batch one state transaction);
+4. peeks through a server-side cursor, staging at most ``demand`` changes in batches of
+   ``batch_size`` (each batch one state transaction) — row changes as the raw pgoutput
+   message, so the pull does not decode tuples (delivery does, once);
 5. only then advances the slot — and only to the end of the last transaction staged whole.
 
 Invariants:
@@ -14,12 +15,15 @@ Invariants:
 * **Nothing lost.** The slot never moves past a change that is not staged. A change is
   identified by ``(commit_lsn, seq)``; a re-peek after a crash skips positions at or below the
   state's staged position, so staging is idempotent.
-* **Budget.** Never more than ``demand`` changes are staged by one call, even inside a giant
-  transaction: the pull stops mid-transaction, stages what fits, and leaves the slot before
-  that transaction; the next pull re-peeks it and carries on after the staged position.
-  (PostgreSQL only lets a slot advance past a whole transaction, and a mid-transaction advance
-  is a no-op — see DESIGN.md.)
-* **Bounded memory.** At most ``batch_size`` decoded changes are held at once.
+* **Budget, at transaction granularity.** A pull stages at most ``demand`` changes, with one
+  exception: a single transaction larger than the whole budget, met while nothing else is
+  staged, is taken whole — PostgreSQL only lets a slot advance past a whole transaction (a
+  mid-transaction advance is a no-op, see DESIGN.md), so waiting could never make room for
+  it. Otherwise the pull stops where the budget runs out, possibly mid-transaction: what is
+  staged stays staged, the slot stays before that transaction, and a later pull re-peeks it
+  and carries on after the staged position.
+* **Bounded memory.** Fewer than ``2 × batch_size`` changes are held at once, however large
+  the transaction: a transaction is staged in ``batch_size`` chunks as it is read.
 
 A crash at any point leaves either the slot unmoved (changes re-peeked and skipped) or the
 slot moved past changes that are staged.
@@ -33,7 +37,7 @@ from dataclasses import dataclass, field
 from . import pgoutput as po
 from .errors import SlotConflictError
 from .faults import NO_FAULTS, Faults
-from .pgoutput import UNCHANGED_TOAST, format_lsn
+from .pgoutput import format_lsn
 from .source import Source
 from .spec import PipelineSpec
 from .state import BatchInfo, Position, StagedChange, StateStore
@@ -63,21 +67,22 @@ class PullReport:
                 f"–{format_lsn(self.batches[-1].last.commit_lsn)}")
 
 
-def _values(tup: tuple[po.Value, ...]) -> tuple[list[str | None], list[int] | None]:
-    unchanged = [i for i, v in enumerate(tup) if v is UNCHANGED_TOAST]
-    if not unchanged:
-        return list(tup), None  # type: ignore[arg-type]
-    return [None if v is UNCHANGED_TOAST else v for v in tup], unchanged  # type: ignore[misc]
+_ROW_CHANGES = (b"I", b"U", b"D")
 
 
 @dataclass
 class _Puller:
-    """The pull's state machine over decoded messages (no I/O besides staging calls)."""
+    """The pull's state machine over pgoutput rows (no I/O besides staging calls).
+
+    Row changes (Insert/Update/Delete) are staged as the raw message: only the message type
+    and relation OID are read here; the tuples are decoded once, at delivery.
+    """
 
     pipeline: PipelineSpec
     state: StateStore
     staged: Position
     demand: int
+    undelivered: int
     faults: Faults
     relations: dict[int, int] = field(default_factory=dict)  # source oid → relation version
     buffer: list[StagedChange] = field(default_factory=list)
@@ -87,78 +92,78 @@ class _Puller:
     last_commit_end: int | None = None  # end LSN of the last transaction taken whole
     begin: po.Begin | None = None
     seq: int = 0
+    taken_at_begin: int = 0
+    txn_start: int = 0  # index in `buffer` where the current transaction's changes start
+    giant: bool = False
     stopped: bool = False
 
-    def skip_staged(self, data: bytes) -> bool:
-        """Count, without decoding, a row change already staged (a re-peek of a transaction
-        staged across pulls, or after a crash): the hot path when a giant transaction is
-        taken in several pulls."""
-        begin = self.begin
-        if begin is None or data[:1] not in (b"I", b"U", b"D"):
-            return False
-        staged = self.staged
-        if begin.final_lsn < staged.commit_lsn or (
-            begin.final_lsn == staged.commit_lsn and self.seq <= staged.seq
-        ):
-            self.seq += 1
-            return True
-        return False
+    def feed_row(self, data: bytes) -> None:
+        kind = data[:1]
+        if kind in _ROW_CHANGES:
+            self._take(int.from_bytes(data[1:5], "big"), kind.decode(), data)
+        else:
+            self.feed(po.decode_message(data))
 
     def feed(self, msg: po.Message) -> None:
         if isinstance(msg, po.Begin):
             self.begin, self.seq = msg, 0
+            self.taken_at_begin = self.taken
+            self.txn_start = len(self.buffer)
         elif isinstance(msg, po.Commit):
             self.transactions += 1
             self.last_commit_end = msg.end_lsn
             self.begin = None
+            self.giant = False
             if len(self.buffer) >= self.pipeline.policy.batch_size:
                 self.flush()
         elif isinstance(msg, po.Relation):
             if msg.qualified_name in self.pipeline.tables:
                 self.relations[msg.relation_id] = self.state.relation_id(self.pipeline.name, msg)
-        elif isinstance(msg, po.Insert):
-            self._take(msg.relation_id, "I", msg.new, None)
-        elif isinstance(msg, po.Update):
-            self._take(msg.relation_id, "U", msg.new, msg.old)
-        elif isinstance(msg, po.Delete):
-            self._take(msg.relation_id, "D", None, msg.old)
         elif isinstance(msg, po.Truncate):
             for rid in msg.relation_ids:
-                self._take(rid, "T", None, None)
+                self._take(rid, "T", b"")
         # Origin, Type and logical messages carry nothing to stage.
 
-    def _take(self, relation_oid: int, op: str, new: tuple[po.Value, ...] | None,
-              old: tuple[po.Value, ...] | None) -> None:
+    def _take(self, relation_oid: int, op: str, data: bytes) -> None:
         if self.stopped:
             return
-        assert self.begin is not None, "change outside a transaction"
+        begin = self.begin
+        assert begin is not None, "change outside a transaction"
         seq = self.seq
         self.seq += 1
-        pos = Position(self.begin.final_lsn, seq)
-        if pos <= self.staged:
-            return  # staged before a crash or by an earlier pull of this transaction
+        if begin.final_lsn < self.staged.commit_lsn or (
+            begin.final_lsn == self.staged.commit_lsn and seq <= self.staged.seq
+        ):
+            return  # staged before a crash, or by an earlier pull of this transaction
         rid = self.relations.get(relation_oid)
         if rid is None:
             return  # a published table this pipeline does not sync
-        if self.taken >= self.demand:
-            self.stopped = True
-            return
-        new_values, unchanged = _values(new) if new is not None else (None, None)
-        old_values = _values(old)[0] if old is not None else None
+        if self.taken >= self.demand and not self.giant:
+            if self.taken_at_begin == 0 and self.undelivered == 0:
+                # A transaction larger than the whole budget, with nothing else held: take it
+                # whole now (in batch-size chunks), as waiting cannot make room for it.
+                self.giant = True
+            else:
+                self.stopped = True
+                return
         self.buffer.append(StagedChange(
-            pos.commit_lsn, pos.seq, self.begin.xid, self.begin.commit_ts, rid, op,
-            new_values, old_values, unchanged,
-        ))
+            begin.final_lsn, seq, begin.xid, begin.commit_ts, rid, op, data))
         self.taken += 1
-        # Flush mid-transaction only at twice the batch size: batches prefer whole transactions.
-        if len(self.buffer) >= 2 * self.pipeline.policy.batch_size:
+        batch_size = self.pipeline.policy.batch_size
+        if len(self.buffer) - self.txn_start >= batch_size:
+            # The current transaction alone fills a batch: stage the whole transactions
+            # before it as their own batch, then this chunk of it.
+            if self.txn_start:
+                self.flush(upto=self.txn_start)
             self.flush()
 
-    def flush(self) -> None:
-        if self.buffer:
-            self.batches.append(self.state.stage_batch(self.pipeline.name, self.buffer))
-            self.staged = self.buffer[-1].position
-            self.buffer = []
+    def flush(self, upto: int | None = None) -> None:
+        part = self.buffer if upto is None else self.buffer[:upto]
+        if part:
+            self.batches.append(self.state.stage_batch(self.pipeline.name, part))
+            self.staged = part[-1].position
+            self.buffer = [] if upto is None else self.buffer[upto:]
+            self.txn_start = 0
             self.faults.hit("after_stage_batch")
 
 
@@ -192,7 +197,7 @@ def pull(
                 duration_s=time.monotonic() - started,
             )
         flush_before = source.flush_lsn()
-        puller = _Puller(pipeline, state, st.staged, demand, faults)
+        puller = _Puller(pipeline, state, st.staged, demand, undelivered, faults)
         rows = 0
         # `upto_nchanges` counts protocol rows, not changes: a one-change transaction is three
         # (BEGIN, change, COMMIT). Ask for enough rows to fill the demand; the puller itself
@@ -201,8 +206,7 @@ def pull(
         with source.peek(upto, pipeline.policy.fetch_chunk) as messages:
             for data in messages:
                 rows += 1
-                if not puller.skip_staged(data):
-                    puller.feed(po.decode_message(data))
+                puller.feed_row(data)
                 if puller.stopped:
                     break
         puller.flush()

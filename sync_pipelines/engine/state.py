@@ -34,7 +34,16 @@ import psycopg
 from psycopg import sql
 
 from .errors import StateError
-from .pgoutput import Column, Relation
+from .pgoutput import (
+    UNCHANGED_TOAST,
+    Column,
+    Delete,
+    Insert,
+    Relation,
+    Update,
+    Value,
+    decode_message,
+)
 
 
 class Position(NamedTuple):
@@ -95,9 +104,7 @@ MIGRATIONS: list[str] = [
         commit_ts    timestamptz NOT NULL,
         relation_id  bigint NOT NULL,
         op           text NOT NULL,
-        new_values   text[],
-        old_values   text[],
-        unchanged    integer[],
+        message      bytea NOT NULL,
         PRIMARY KEY (pipeline, commit_lsn, seq)
     );
     CREATE TABLE {schema}.delivery (
@@ -115,18 +122,18 @@ MIGRATIONS: list[str] = [
 # Column order of a staged change row as written by COPY (after pipeline and batch_id).
 CHANGE_COLUMNS = (
     "pipeline", "batch_id", "commit_lsn", "seq", "xid", "commit_ts",
-    "relation_id", "op", "new_values", "old_values", "unchanged",
+    "relation_id", "op", "message",
 )
 _CHANGE_TYPES = (
     "text", "int8", "int8", "int4", "int8", "timestamptz",
-    "int8", "text", "text[]", "text[]", "int4[]",
+    "int8", "text", "bytea",
 )
 
 _LOCK_CLASS = 0x5359  # "SY": first half of every advisory lock key we take
 
 
 class StagedChange(NamedTuple):
-    """A decoded change ready to stage (values in PostgreSQL text format)."""
+    """A change ready to stage: its position and the pgoutput message as received."""
 
     commit_lsn: int
     seq: int
@@ -134,9 +141,7 @@ class StagedChange(NamedTuple):
     commit_ts: datetime
     relation_id: int
     op: str  # 'I' insert, 'U' update, 'D' delete, 'T' truncate
-    new_values: list[str | None] | None
-    old_values: list[str | None] | None
-    unchanged: list[int] | None  # indexes of unchanged-TOAST columns in new_values
+    message: bytes  # the pgoutput Insert/Update/Delete message (empty for a truncate)
 
     @property
     def position(self) -> Position:
@@ -144,7 +149,7 @@ class StagedChange(NamedTuple):
 
 
 class StoredChange(NamedTuple):
-    """A staged change as read back for delivery."""
+    """A staged change as read back for delivery, its message decoded into text values."""
 
     commit_lsn: int
     seq: int
@@ -411,14 +416,13 @@ class StateStore:
         """Staged changes with ``after < position <= through``, in stream order."""
         with self.conn.cursor(binary=True) as cur:
             cur.execute(
-                self._q("SELECT commit_lsn, seq, batch_id, relation_id, op, new_values, "
-                        "old_values, unchanged FROM {schema}.change WHERE pipeline = %s "
+                self._q("SELECT commit_lsn, seq, batch_id, relation_id, op, message "
+                        "FROM {schema}.change WHERE pipeline = %s "
                         "AND (commit_lsn, seq) > (%s, %s) AND (commit_lsn, seq) <= (%s, %s) "
                         "ORDER BY commit_lsn, seq"),
                 (pipeline, after.commit_lsn, after.seq, through.commit_lsn, through.seq),
             )
-            return [StoredChange(r[0], r[1], r[2], r[3], _op(r[4]), r[5], r[6], r[7])
-                    for r in cur.fetchall()]
+            return [_decode_stored(*r) for r in cur.fetchall()]
 
     # -- delivery ----------------------------------------------------------------------------
 
@@ -463,8 +467,31 @@ class StateStore:
         return removed
 
 
-def _op(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+def _values(tup: tuple[Value, ...]) -> tuple[list[str | None], list[int] | None]:
+    """Text values with unchanged-TOAST markers replaced by None, and those markers' indexes."""
+    if UNCHANGED_TOAST not in tup:
+        return list(tup), None  # type: ignore[arg-type]
+    unchanged = [i for i, v in enumerate(tup) if v is UNCHANGED_TOAST]
+    return [None if v is UNCHANGED_TOAST else v for v in tup], unchanged  # type: ignore[misc]
+
+
+def _decode_stored(commit_lsn: int, seq: int, batch_id: int, relation_id: int, op: str,
+                   message: bytes) -> StoredChange:
+    if op == "T":
+        return StoredChange(commit_lsn, seq, batch_id, relation_id, op, None, None, None)
+    msg = decode_message(message)
+    new = old = unchanged = None
+    if isinstance(msg, Insert):
+        new, unchanged = _values(msg.new)
+    elif isinstance(msg, Update):
+        new, unchanged = _values(msg.new)
+        old = _values(msg.old)[0] if msg.old is not None else None
+    elif isinstance(msg, Delete):
+        old = _values(msg.old)[0]
+    else:
+        raise StateError(f"staged change at {Position(commit_lsn, seq)} holds a "
+                         f"{type(msg).__name__} message, not a row change")
+    return StoredChange(commit_lsn, seq, batch_id, relation_id, op, new, old, unchanged)
 
 
 def _first_line(err: BaseException) -> str:
