@@ -167,6 +167,9 @@ class TableMapper:
         self.sent = [(i, spec.columns.get(names[i], names[i])) for i in sent]
         self.key_names = [spec.columns.get(names[i], names[i]) for i in self.key_idx]
         self.casts = {index[c]: k for c, k in spec.cast.items()}
+        self._sent_idx = [i for i, _ in self.sent]
+        self._sent_names = [n for _, n in self.sent]
+        self._plain = not self.casts and not spec.derived
         self.filters = [self._compile_filter(f, index) for f in spec.filter]
         self.derived = list(spec.derived.items())
         self.index = index
@@ -239,7 +242,7 @@ class TableMapper:
         return pgtypes.to_python(self.relation.columns[i].type_oid, value)
 
     def key_from(self, values: list[str | None]) -> Key:
-        return tuple(values[i] for i in self.key_idx)
+        return tuple(map(values.__getitem__, self.key_idx))
 
     def passes(self, values: list[str | None], unchanged: frozenset[int]) -> bool:
         for i, test in self.filters:
@@ -250,6 +253,10 @@ class TableMapper:
         return True
 
     def row(self, values: list[str | None], unchanged: frozenset[int]) -> dict[str, Any]:
+        if self._plain and not unchanged:
+            # The common case: renames and column selection only, values passed through.
+            return dict(zip(self._sent_names, map(values.__getitem__, self._sent_idx),
+                            strict=True))
         out: dict[str, Any] = {}
         for i, name in self.sent:
             if i in unchanged:

@@ -54,7 +54,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _adapt(v: Any) -> Any:
-    return Jsonb(v) if isinstance(v, dict | list) else v
+    return Jsonb(v) if isinstance(v, (dict, list)) else v  # noqa: UP038 (tuple is faster)
 
 
 class PostgresSink:
