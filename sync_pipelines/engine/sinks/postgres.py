@@ -228,6 +228,22 @@ class PostgresSink:
             for r in rows:
                 copy.write_row(r)
 
+    def _copy_rows(self, table: str, cols: list[str], group: list[Upsert]
+                   ) -> list[tuple[Any, ...]]:
+        """Row tuples for COPY; values bound for json/jsonb columns wrapped if structured."""
+        types = self._load_columns(table) or {}
+        json_idx = [i for i, c in enumerate(cols) if types.get(c) in ("json", "jsonb")]
+        rows = [tuple(u.row.values()) for u in group]
+        if not json_idx:
+            return rows  # the common case: no per-value work at all
+        out = []
+        for r in rows:
+            lst = list(r)
+            for i in json_idx:
+                lst[i] = _adapt(lst[i])
+            out.append(tuple(lst))
+        return out
+
     def _apply_deletes(self, table: str, t_ops: TableOps) -> ApplyStats:
         deletes = t_ops.deletes
         if not deletes:
@@ -252,7 +268,7 @@ class PostgresSink:
         for columns, group in shapes.items():
             cols = list(columns)
             temp = self._temp_table(table, cols)
-            self._copy(temp, cols, [tuple(_adapt(v) for v in u.row.values()) for u in group])
+            self._copy(temp, cols, self._copy_rows(table, cols, group))
             col_list = sql.SQL(", ").join(map(sql.Identifier, cols))
             updates = [c for c in cols if c not in keys]
             action = sql.SQL("DO NOTHING") if not updates else sql.SQL("DO UPDATE SET {}").format(
