@@ -170,6 +170,7 @@ class TableMapper:
         self._sent_idx = [i for i, _ in self.sent]
         self._sent_names = [n for _, n in self.sent]
         self._plain = not self.casts and not spec.derived
+        self._all_sent = self._sent_idx == list(range(len(rel.columns)))
         self.filters = [self._compile_filter(f, index) for f in spec.filter]
         self.derived = list(spec.derived.items())
         self.index = index
@@ -255,8 +256,9 @@ class TableMapper:
     def row(self, values: list[str | None], unchanged: frozenset[int]) -> dict[str, Any]:
         if self._plain and not unchanged:
             # The common case: renames and column selection only, values passed through.
-            return dict(zip(self._sent_names, map(values.__getitem__, self._sent_idx),
-                            strict=True))
+            if self._all_sent:
+                return dict(zip(self._sent_names, values))  # noqa: B905 (same length)
+            return dict(zip(self._sent_names, map(values.__getitem__, self._sent_idx)))  # noqa: B905
         out: dict[str, Any] = {}
         for i, name in self.sent:
             if i in unchanged:
@@ -281,6 +283,9 @@ class TableMapper:
                             for f in fields}
                     out[name] = d.template.format_map(args)
         return out
+
+
+_NONE: frozenset[int] = frozenset()
 
 
 def _blank(v: Any) -> Any:
@@ -320,7 +325,7 @@ class Mapper:
             assert ch.old_values is not None
             return [Delete(tm.target_table, tm.key_from(ch.old_values), pos)]
         assert ch.new_values is not None
-        unchanged = frozenset(ch.unchanged or ())
+        unchanged = frozenset(ch.unchanged) if ch.unchanged else _NONE
         key = tm.key_from(ch.new_values)
         ops: list[TargetOp] = []
         if ch.op == "U" and ch.old_values is not None:
