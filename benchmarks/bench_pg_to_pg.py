@@ -723,7 +723,9 @@ def run_standard(server: Server, args: argparse.Namespace, scale: dict[str, int]
     binary = find_pg_recvlogical(server_major)
     if binary:
         log(f"ceilings: {binary} to /dev/null")
-        ceilings["pg_recvlogical"] = ceiling_recvlogical(binary, src, CEILING_SLOT, pub, lsn1)
+        # Up to the current WAL end: the pipelined drain regenerated the workload after lsn1.
+        ceilings["pg_recvlogical"] = ceiling_recvlogical(binary, src, CEILING_SLOT, pub,
+                                                         wal_lsn(src))
     else:
         ceilings["pg_recvlogical"] = {"error": "pg_recvlogical not found"}
     log(f"ceilings: COPY of {gen['inserts']:,} rows into an empty target table")
