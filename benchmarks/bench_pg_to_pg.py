@@ -14,7 +14,8 @@ Workloads (full run; ``--quick`` scales them down for CI):
 * **big**: one transaction inserting 1,000,000 rows (``INSERT ... SELECT generate_series``).
 
 Each drain runs in a fresh subprocess (this script with ``--drain``) whose peak RSS
-(``ru_maxrss``) is reported. Ceilings are measured on the same server in the same run: raw
+(``VmHWM``, this process's own high-water mark) is reported. Ceilings are measured on the
+same server in the same run: raw
 logical decoding of the same changes (server-side ``count(*)`` over
 ``pg_logical_slot_peek_binary_changes``, a client-side fetch through a server-side cursor,
 ``pg_recvlogical`` to ``/dev/null``), and raw apply (``COPY`` of the 200k inserted rows into an
@@ -59,7 +60,7 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
-from machine import machine_info  # noqa: E402  (benchmarks/machine.py, beside this file)
+from machine import machine_info, peak_rss_kb  # noqa: E402  (benchmarks/machine.py, beside this file)
 
 from sync_pipelines.engine.spec import PolicySpec, SyncSpec, parse_spec  # noqa: E402
 
@@ -194,7 +195,7 @@ def _pull_loop(policy: dict[str, Any], done: Any) -> None:
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     done.put({"pulled": pulled, "pull_wall_s": now() - t0,
               "pull_cpu_s": cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime,
-              "pull_peak_rss_kb": cpu1.ru_maxrss})
+              "pull_peak_rss_kb": peak_rss_kb()})
 
 
 def pipelined_main(config: dict[str, Any]) -> None:
@@ -228,8 +229,8 @@ def pipelined_main(config: dict[str, Any]) -> None:
     print(json.dumps({
         "changes_delivered": delivered, "wall_s": wall, **(pull_stats or {}),
         "deliver_cpu_s": cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime,
-        "deliver_peak_rss_kb": cpu1.ru_maxrss,
-        "peak_rss_kb": max(cpu1.ru_maxrss, (pull_stats or {}).get("pull_peak_rss_kb", 0)),
+        "deliver_peak_rss_kb": peak_rss_kb(),
+        "peak_rss_kb": max(peak_rss_kb(), (pull_stats or {}).get("pull_peak_rss_kb", 0)),
     }))
 
 
@@ -238,7 +239,7 @@ def drain_main(config: dict[str, Any]) -> None:
     if config.get("pipelined"):
         pipelined_main(config)
         return
-    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline_kb = peak_rss_kb()
     from sync_pipelines.engine.pipeline import deliver_pipeline, pull_pipeline
 
     spec = build_spec(config["policy"])
@@ -247,7 +248,7 @@ def drain_main(config: dict[str, Any]) -> None:
         import cProfile
 
         profiler = cProfile.Profile()
-    imported_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    imported_kb = peak_rss_kb()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     pull_s = deliver_s = 0.0
     pulled = delivered = rounds = batches = 0
@@ -297,7 +298,7 @@ def drain_main(config: dict[str, Any]) -> None:
         "cpu_sys_s": cpu1.ru_stime - cpu0.ru_stime,
         "baseline_rss_kb": baseline_kb,
         "after_import_rss_kb": imported_kb,
-        "peak_rss_kb": cpu1.ru_maxrss,  # Linux: kilobytes
+        "peak_rss_kb": peak_rss_kb(),
         "pull_skips": skips,
         "rounds_detail": detail,
     }
@@ -316,7 +317,7 @@ def drain_main(config: dict[str, Any]) -> None:
 
 def run_drain(policy: dict[str, Any], *, profile: Path | None, max_rounds: int,
               py_spy: Path | None = None, pipelined: bool = False) -> dict[str, Any]:
-    """Run the drain in a fresh interpreter so its ru_maxrss covers only the drain."""
+    """Run the drain in a fresh interpreter so its peak RSS covers only the drain."""
     config = {"policy": policy, "max_rounds": max_rounds,
               "profile": str(profile) if profile else None, "pipelined": pipelined}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--drain", json.dumps(config)]

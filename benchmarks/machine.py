@@ -11,6 +11,7 @@ import importlib.metadata
 import os
 import platform
 import re
+import resource
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -60,3 +61,19 @@ def machine_info(distributions: tuple[str, ...] = ()) -> dict[str, Any]:
         digest.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
     info["engine_sha256"] = digest.hexdigest()[:16]
     return info
+
+
+def peak_rss_kb() -> int:
+    """This process's peak resident set size in KiB, since its last exec (VmHWM).
+
+    Not ``ru_maxrss``: Linux carries that over an exec from the parent's memory when the child
+    is started with vfork, as Python's subprocess does, so a small child of a big test process
+    would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

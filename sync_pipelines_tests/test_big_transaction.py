@@ -2,7 +2,7 @@
 pulling and the delivering process each stay far below what holding it in memory takes.
 
 The pull and the delivery run in fresh subprocesses (``support/memory_worker.py``), each
-reporting its peak RSS (``ru_maxrss``). The demand budget is larger than the transaction, so a
+reporting its peak RSS (``VmHWM``). The demand budget is larger than the transaction, so a
 single pull has to take all of it — the worst case for the puller. A third subprocess decodes
 the whole transaction into one list, as a hold-it-all implementation would: its peak must
 exceed the bound, which shows the bound can catch such an implementation.

@@ -228,8 +228,20 @@ class StateStore:
 
     # -- schema ------------------------------------------------------------------------------
 
+    def _schema_version(self) -> int:
+        try:
+            row = self.conn.execute(
+                self._q("SELECT coalesce(max(version), 0) FROM {schema}.migration")
+            ).fetchone()
+        except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+            return 0
+        return int(row[0]) if row else 0
+
     def migrate(self) -> int:
         """Apply pending migrations; safe to call concurrently and repeatedly."""
+        # Sensor ticks connect every few seconds: an up-to-date schema costs one query.
+        if self._schema_version() == len(MIGRATIONS):
+            return len(MIGRATIONS)
         with self.conn.transaction():
             # Serialise concurrent migrators (several processes start at once under Dagster).
             self.conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_CLASS,))

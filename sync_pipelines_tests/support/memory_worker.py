@@ -7,15 +7,18 @@ Usage: ``python -m sync_pipelines_tests.support.memory_worker pull|deliver|hold 
 staged batch; ``hold`` is the counter-example: it decodes the whole slot into one list, as an
 implementation that keeps a transaction in memory would. Prints one JSON line:
 ``{"mode": ..., "changes": ..., "peak_rss_mb": ..., "seconds": ...}``. The peak is the
-process's ``ru_maxrss`` (KiB on Linux), so it includes the interpreter and imports.
+process's own high-water mark ``VmHWM``, so it includes the interpreter and imports — and,
+unlike ``ru_maxrss``, not the parent's peak (Linux carries that over the exec of a vfork'ed
+child, which is how subprocess starts this worker from a big pytest process).
 """
 
 from __future__ import annotations
 
 import json
-import resource
+import re
 import sys
 import time
+from pathlib import Path
 
 from sync_pipelines.engine import pgoutput as po
 from sync_pipelines.engine.pipeline import deliver_pipeline, open_source, pull_pipeline
@@ -43,7 +46,8 @@ def main(mode: str, spec_json: str) -> None:
         changes = sum(isinstance(m, po.Insert | po.Update | po.Delete) for m in held)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    status = Path("/proc/self/status").read_text()
+    peak_mb = int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1)) / 1024
     print(json.dumps({"mode": mode, "changes": changes, "peak_rss_mb": round(peak_mb, 1),
                       "seconds": round(time.monotonic() - started, 2)}))
 
