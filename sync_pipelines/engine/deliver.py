@@ -42,6 +42,8 @@ class DeliveryReport:
     first_lsn: int | None = None
     last_lsn: int | None = None
     duration_s: float = 0.0
+    held_changes: int = 0  # changes put in the retry queue or parked behind one (HTTP)
+    dead_letters: int = 0  # changes that became dead letters in this delivery (HTTP)
 
     @property
     def lsn_range(self) -> str:

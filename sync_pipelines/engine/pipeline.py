@@ -14,14 +14,19 @@ Connections are opened per call and closed on return, crash or not.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from .deliver import DeliveryReport, deliver
+from .deliver_http import SweepReport, deliver_http, sweep_http
+from .errors import SpecError
 from .faults import NO_FAULTS, Faults
+from .held import HeldStore
 from .ingest import PullReport, pull
+from .sinks.http import HttpSink
 from .sinks.postgres import PostgresSink
 from .source import Source
-from .spec import PipelineSpec, SyncSpec
+from .spec import DsnRef, HttpTargetSpec, PipelineSpec, PostgresTargetSpec, SyncSpec
 from .state import BatchInfo, StateStore
 
 
@@ -35,8 +40,27 @@ def open_source(pipeline: PipelineSpec) -> Source:
 
 def open_sink(pipeline: PipelineSpec, target: str) -> PostgresSink:
     tspec = pipeline.targets[target]
+    assert isinstance(tspec, PostgresTargetSpec)
     dsn = tspec.resolve(f"pipeline {pipeline.name!r}: target {target!r}")
     return PostgresSink(dsn, pipeline=pipeline.name, target=target, spec=tspec)
+
+
+def open_http_sink(pipeline: PipelineSpec, target: str) -> HttpSink:
+    tspec = pipeline.targets[target]
+    assert isinstance(tspec, HttpTargetSpec)
+    what = f"pipeline {pipeline.name!r}: target {target!r}"
+    headers: dict[str, str] = {}
+    auth: tuple[str, str] | None = None
+    a = tspec.auth
+    if a.bearer_token_env:
+        token = DsnRef(dsn_env=a.bearer_token_env).resolve(f"{what} bearer token")
+        headers["Authorization"] = f"Bearer {token}"
+    elif a.basic_user_env and a.basic_password_env:
+        auth = (DsnRef(dsn_env=a.basic_user_env).resolve(f"{what} user"),
+                DsnRef(dsn_env=a.basic_password_env).resolve(f"{what} password"))
+    return HttpSink(tspec.base_url(f"{what} base URL"), headers=headers, auth=auth,
+                    idempotency_header=tspec.idempotency_header,
+                    concurrency=tspec.concurrency, timeout_s=tspec.timeout_seconds)
 
 
 def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS) -> PullReport:
@@ -51,7 +75,12 @@ def deliver_pipeline(
     pipeline = spec.pipelines[name]
     reports = []
     with open_state(spec) as state:
-        for target in pipeline.targets:
+        for target, tspec in pipeline.targets.items():
+            if isinstance(tspec, HttpTargetSpec):
+                with open_http_sink(pipeline, target) as http:
+                    reports.append(deliver_http(state, pipeline, target, http,
+                                                upto_batch=upto_batch, faults=faults))
+                continue
             with open_sink(pipeline, target) as sink:
                 reports.append(
                     deliver(state, pipeline, target, sink, upto_batch=upto_batch, faults=faults)
@@ -88,9 +117,66 @@ def compare_tables(spec: SyncSpec, name: str) -> list[str]:
     problems = []
     source_dsn = pipeline.source.resolve(f"pipeline {name!r}: source")
     for target, tspec in pipeline.targets.items():
+        if not isinstance(tspec, PostgresTargetSpec):
+            continue  # comparing against an HTTP API needs its list endpoint (reconciliation)
         target_dsn = tspec.resolve(f"pipeline {name!r}: target {target!r}")
         for d in compare_pipeline(source_dsn, target_dsn, pipeline):
             if not d.clean:
                 problems.append(f"{target}/{d.table}: {d.missing} missing, {d.extra} extra, "
                                 f"{d.different} different; e.g. {d.sample[:3]}")
     return problems
+
+
+def http_targets(pipeline: PipelineSpec) -> list[str]:
+    return [t for t, s in pipeline.targets.items() if isinstance(s, HttpTargetSpec)]
+
+
+def sweep_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS
+                   ) -> list[SweepReport]:
+    """The retry schedule's work: deliver due retries of every HTTP target, in key order."""
+    pipeline = spec.pipelines[name]
+    reports = []
+    with open_state(spec) as state:
+        for target in http_targets(pipeline):
+            with open_http_sink(pipeline, target) as http:
+                reports.append(sweep_http(state, pipeline, target, http, faults=faults))
+    return reports
+
+
+@dataclass(frozen=True)
+class TargetHealth:
+    target: str
+    held: int
+    dead_letters: int
+    latest_dead_letters: list[dict[str, object]]
+    latest_held: list[dict[str, object]]
+
+
+def target_health(spec: SyncSpec, name: str) -> list[TargetHealth]:
+    """Retry-queue and dead-letter depth (and latest rows) of each target."""
+    pipeline = spec.pipelines[name]
+    out = []
+    with open_state(spec) as state:
+        for target in pipeline.targets:
+            store = HeldStore(state, name, target)
+            n_held, n_dead = store.counts()
+            out.append(TargetHealth(target, n_held, n_dead, store.latest_dead_letters(),
+                                    store.latest_held()))
+    return out
+
+
+def resolve_dead_letters(spec: SyncSpec, name: str, target: str, *, action: str,
+                         ids: list[int] | None = None, key_like: str | None = None,
+                         reason: str = "") -> int:
+    """Redrive (back in front of their keys, due now) or discard (with a reason) dead letters."""
+    pipeline = spec.pipelines[name]
+    if target not in pipeline.targets:
+        raise SpecError(f"pipeline {name!r} has no target {target!r} "
+                        f"(targets: {', '.join(pipeline.targets)})")
+    with open_state(spec) as state:
+        store = HeldStore(state, name, target)
+        if action == "redrive":
+            return store.redrive(ids=ids, key_like=key_like)
+        if action == "discard":
+            return store.discard(reason=reason, ids=ids, key_like=key_like)
+    raise SpecError(f"action must be 'redrive' or 'discard', not {action!r}")

@@ -16,10 +16,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import SpecError
 
@@ -160,8 +169,94 @@ class PostgresTargetSpec(DsnRef):
     """Add target columns when the source relation gains columns mid-stream."""
 
 
-# One kind today; further kinds join a discriminated union on ``kind``.
-TargetSpec = PostgresTargetSpec
+class HttpTableSpec(_Model):
+    """How one source table's changes are sent to an HTTP API."""
+
+    upsert: str
+    """Request for an insert or update, e.g. ``PUT /contacts/{id}``; ``{name}`` takes the
+    mapped row's field (after renames)."""
+    delete: str | None = None
+    """Request for a delete, e.g. ``DELETE /contacts/{id}`` (only key fields are known)."""
+
+    @field_validator("upsert", "delete")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = v.split()
+        if len(parts) != 2 or parts[0] not in ("PUT", "POST", "PATCH", "DELETE") or not (
+            parts[1].startswith("/")
+        ):
+            raise ValueError(f"{v!r} must look like 'PUT /contacts/{{id}}'")
+        return v
+
+
+class HttpAuthSpec(_Model):
+    """Credentials from environment variables: a bearer token, or basic user and password."""
+
+    bearer_token_env: str | None = None
+    """Environment variable holding a bearer token."""
+    basic_user_env: str | None = None
+    """Environment variable holding the basic-auth user."""
+    basic_password_env: str | None = None
+    """Environment variable holding the basic-auth password."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> HttpAuthSpec:
+        basic = (self.basic_user_env, self.basic_password_env)
+        if self.bearer_token_env and any(basic):
+            raise ValueError("give either bearer_token_env or basic_user_env/basic_password_env")
+        if any(basic) and not all(basic):
+            raise ValueError("basic auth needs both basic_user_env and basic_password_env")
+        return self
+
+
+class HttpTargetSpec(_Model):
+    """An HTTP/REST API target (a CRM): one request per change, per-key order, retries."""
+
+    kind: Literal["http"]
+    base_url_env: str
+    """Environment variable holding the API's base URL (e.g. https://crm.example.com/api)."""
+    auth: HttpAuthSpec = Field(default_factory=HttpAuthSpec)
+    tables: dict[str, HttpTableSpec]
+    """Per source table (``[schema.]table``): the requests its changes become."""
+    idempotency_header: str = "Idempotency-Key"
+    """Header carrying each change's stable idempotency key."""
+    concurrency: int = Field(default=16, ge=1, le=512)
+    """Most requests in flight at once (never two for one key)."""
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    """Timeout of one request."""
+
+    @field_validator("tables", mode="before")
+    @classmethod
+    def _qualify(cls, v: Any) -> Any:
+        return {qualify(str(k)): m for k, m in v.items()} if isinstance(v, dict) else v
+
+    def base_url(self, what: str) -> str:
+        return DsnRef(dsn_env=self.base_url_env).resolve(what)
+
+
+def _target_kind(v: Any) -> str:
+    return str(v.get("kind", "postgres")) if isinstance(v, dict) else getattr(v, "kind", "")
+
+
+TargetSpec = Annotated[
+    Annotated[PostgresTargetSpec, Tag("postgres")] | Annotated[HttpTargetSpec, Tag("http")],
+    Discriminator(_target_kind),
+]
+
+
+class RetrySpec(_Model):
+    """Durable retries of changes a target refused for now (per key, in order)."""
+
+    max_attempts: int = Field(default=8, ge=1)
+    """Attempts before a change (and what waits behind it) becomes a dead letter."""
+    base_delay_seconds: float = Field(default=5.0, gt=0)
+    """Delay before the second attempt; doubled each time, with jitter."""
+    max_delay_seconds: float = Field(default=900.0, gt=0)
+    """Cap of the delay between attempts."""
+    jitter: float = Field(default=0.2, ge=0, le=1)
+    """Random spread of each delay (±fraction)."""
 
 
 class PolicySpec(_Model):
@@ -175,6 +270,16 @@ class PolicySpec(_Model):
     """Rows fetched per round trip from the slot's server-side cursor."""
     redeliver_after_seconds: int = Field(default=30, ge=5)
     """A batch left undelivered (failed run) is requested again after this long."""
+    retry: RetrySpec = Field(default_factory=RetrySpec)
+    """Retry and dead-letter policy for changes a target refuses."""
+    retry_warn: int = Field(default=100, ge=0)
+    """Asset check: WARN above this many changes held for retry per target."""
+    retry_error: int = Field(default=10_000, ge=0)
+    """Asset check: ERROR above this many changes held for retry per target."""
+    dead_letter_warn: int = Field(default=0, ge=0)
+    """Asset check: WARN above this many unresolved dead letters per target."""
+    dead_letter_error: int = Field(default=100, ge=0)
+    """Asset check: ERROR above this many unresolved dead letters per target."""
 
 
 class PipelineSpec(_Model):

@@ -117,6 +117,55 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (pipeline, target)
     );
     """,
+    # 2: changes held per key for a target (retry head + parked), dead letters, HTTP ledger.
+    """
+    CREATE TABLE {schema}.held (
+        pipeline     text NOT NULL,
+        target       text NOT NULL,
+        key          text NOT NULL,
+        commit_lsn   bigint NOT NULL,
+        seq          integer NOT NULL,
+        relation_id  bigint NOT NULL,
+        op           text NOT NULL,
+        message      bytea NOT NULL,
+        attempts     integer NOT NULL DEFAULT 0,
+        next_attempt_at timestamptz,
+        last_status  integer,
+        last_error   text,
+        held_since   timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (pipeline, target, commit_lsn, seq)
+    );
+    CREATE INDEX held_by_key ON {schema}.held (pipeline, target, key, commit_lsn, seq);
+    CREATE TABLE {schema}.dead_letter (
+        dead_letter_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        pipeline     text NOT NULL,
+        target       text NOT NULL,
+        key          text NOT NULL,
+        commit_lsn   bigint NOT NULL,
+        seq          integer NOT NULL,
+        relation_id  bigint NOT NULL,
+        op           text NOT NULL,
+        message      bytea NOT NULL,
+        attempts     integer NOT NULL,
+        last_status  integer,
+        reason       text NOT NULL,
+        dead_at      timestamptz NOT NULL DEFAULT now(),
+        resolved_at  timestamptz,
+        resolution   text
+    );
+    CREATE INDEX dead_letter_open ON {schema}.dead_letter (pipeline, target, key)
+        WHERE resolved_at IS NULL;
+    CREATE TABLE {schema}.ledger (
+        pipeline     text NOT NULL,
+        target       text NOT NULL,
+        commit_lsn   bigint NOT NULL,
+        seq          integer NOT NULL,
+        sub          integer NOT NULL,
+        status       integer,
+        delivered_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (pipeline, target, commit_lsn, seq, sub)
+    );
+    """,
 ]
 
 # Column order of a staged change row as written by COPY (after pipeline and batch_id).
@@ -426,6 +475,11 @@ class StateStore:
 
     def read_changes(self, pipeline: str, after: Position, through: Position) -> list[StoredChange]:
         """Staged changes with ``after < position <= through``, in stream order."""
+        return [c for c, _ in self.read_changes_with_messages(pipeline, after, through)]
+
+    def read_changes_with_messages(self, pipeline: str, after: Position, through: Position
+                                   ) -> list[tuple[StoredChange, bytes]]:
+        """Like :meth:`read_changes`, each with its raw message (to hold it for retries)."""
         with self.conn.cursor(binary=True) as cur:
             cur.execute(
                 self._q("SELECT commit_lsn, seq, batch_id, relation_id, op, message "
@@ -434,7 +488,7 @@ class StateStore:
                         "ORDER BY commit_lsn, seq"),
                 (pipeline, after.commit_lsn, after.seq, through.commit_lsn, through.seq),
             )
-            return [_decode_stored(*r) for r in cur.fetchall()]
+            return [(_decode_stored(*r), bytes(r[5])) for r in cur.fetchall()]
 
     # -- delivery ----------------------------------------------------------------------------
 

@@ -1,0 +1,263 @@
+"""Deliver to an HTTP target, and sweep its retry queue: per-key order, retries, dead letters.
+
+:func:`deliver_http` is the delivery run's work for an HTTP target: for each staged batch after
+the target's delivered position it maps every change to requests, skips requests the ledger
+says were accepted, *parks* changes of keys that are blocked (see :mod:`.held`), sends the rest
+with :class:`~.sinks.http.HttpSink` (bounded concurrency, one request in flight per key), then
+records in **one state transaction**: the ledger rows of accepted requests, the held/parked
+changes of keys that failed (attempt 1, next attempt after a backoff), the dead letters of
+terminal failures, and the batch's delivered position. The batch completes and the slot keeps
+moving whatever the target did.
+
+:func:`sweep_http` is the retry schedule's work: for every key whose head is due it re-sends
+the key's held chain in order, releases what the API accepted, and either reschedules the head
+(exponential backoff with jitter, never sooner than Retry-After) or, after ``max_attempts`` or
+on a terminal error, makes the head and everything parked behind it dead letters.
+
+Both hold the ``deliver:<pipeline>:<target>`` lock, so a sweep and a delivery never interleave
+for one target. A crash before the state transaction re-sends the same requests with the same
+idempotency keys (the API deduplicates); a crash after it has nothing left to redo.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+
+from .deliver import DeliveryReport, _before, _wait_for_lock
+from .errors import SpecError
+from .faults import NO_FAULTS, Faults
+from .held import Failure, HeldChange, HeldStore, backoff, due_at, key_text
+from .mapping import Delete, Mapper, Truncate, Upsert
+from .sinks.http import Endpoint, HttpChange, HttpOutcome, HttpSink, http_change
+from .sinks.postgres import ApplyStats
+from .spec import HttpTargetSpec, PipelineSpec
+from .state import StateStore, StoredChange, _decode_stored
+
+
+@dataclass
+class _Item:
+    """One staged change on its way to the API: its requests and what became of them."""
+
+    change: HeldChange
+    requests: list[tuple[int, HttpChange]] = field(default_factory=list)  # (sub, request)
+    failure: Failure | None = None
+    parked: bool = False
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    pipeline: str
+    target: str
+    keys: int = 0
+    delivered: int = 0
+    rescheduled: int = 0
+    dead_letters: int = 0
+    duration_s: float = 0.0
+
+
+class _Requests:
+    """Builds the requests of a change (mapping + endpoints of the target's tables)."""
+
+    def __init__(self, state: StateStore, pipeline: PipelineSpec, target: str) -> None:
+        spec = pipeline.targets[target]
+        assert isinstance(spec, HttpTargetSpec)
+        self.pipeline, self.target, self.spec = pipeline, target, spec
+        self.mapper = Mapper(pipeline, state.relation)
+        self.endpoints = {
+            t: (Endpoint.parse(m.upsert), Endpoint.parse(m.delete) if m.delete else None)
+            for t, m in spec.tables.items()
+        }
+
+    def item(self, ch: StoredChange, held: HeldChange | None = None) -> _Item | None:
+        tm = self.mapper.table_mapper(ch.relation_id)
+        if tm is None:
+            return None
+        ops = self.mapper.map(ch)
+        key_values: tuple[object, ...] = ("*",)
+        for op in ops:
+            if isinstance(op, Upsert | Delete):
+                key_values = op.key
+        change = held or HeldChange(key_text(tm.target_table, key_values), ch.position,
+                                    ch.relation_id, ch.op, b"")
+        item = _Item(change)
+        endpoints = self.endpoints.get(tm.source_table)
+        if endpoints is None:
+            raise SpecError(f"pipeline {self.pipeline.name!r}, target {self.target!r}: no "
+                            f"endpoints for table {tm.source_table} (add it under `tables:`)")
+        upsert, delete = endpoints
+        for sub, op in enumerate(ops):
+            if isinstance(op, Truncate) or (isinstance(op, Delete) and delete is None):
+                what = "TRUNCATE" if isinstance(op, Truncate) else "a delete (no `delete:` set)"
+                item.failure = Failure(False, None, f"{what} of {op.table} cannot be sent to "
+                                       f"target {self.target!r}")
+                break
+            try:
+                req = http_change(op, tm.key_names, pipeline=self.pipeline.name,
+                                  target=self.target, upsert=upsert,
+                                  delete=delete or upsert, op_index=sub)
+            except ValueError as err:
+                item.failure = Failure(False, None, str(err))
+                break
+            item.requests.append((sub, req))
+        return item
+
+
+def _send(sink: HttpSink, items: list[_Item], done: set[tuple[int, int, int]]
+          ) -> list[tuple[_Item, int, HttpOutcome]]:
+    """Send the not-yet-accepted requests of items that are neither parked nor failed."""
+    todo = [(it, sub, req) for it in items if not it.parked and it.failure is None
+            for sub, req in it.requests
+            if (it.change.position.commit_lsn, it.change.position.seq, sub) not in done]
+    outcomes = sink.send([req for _, _, req in todo]) if todo else []
+    return [(it, sub, out) for (it, sub, _), out in zip(todo, outcomes, strict=True)]
+
+
+def _settle(items: list[_Item], sent: list[tuple[_Item, int, HttpOutcome]]
+            ) -> dict[str, list[_Item]]:
+    """Mark each item's failure from its requests' outcomes; group items per key, in order."""
+    for it, _sub, out in sent:
+        if not out.ok and it.failure is None:
+            it.failure = Failure(out.transient, out.status, out.error or "failed",
+                                 out.retry_after_s)
+    by_key: dict[str, list[_Item]] = {}
+    for it in items:
+        by_key.setdefault(it.change.key, []).append(it)
+    return by_key
+
+
+def deliver_http(
+    state: StateStore, pipeline: PipelineSpec, target: str, sink: HttpSink, *,
+    upto_batch: int | None = None, faults: Faults = NO_FAULTS, lock_timeout_s: float = 300.0,
+) -> DeliveryReport:
+    started = time.monotonic()
+    lock = f"deliver:{pipeline.name}:{target}"
+    _wait_for_lock(state, lock, lock_timeout_s)
+    try:
+        held = HeldStore(state, pipeline.name, target)
+        builder = _Requests(state, pipeline, target)
+        policy = pipeline.policy.retry
+        delivered = state.delivered(pipeline.name, target)
+        done_batches, changes, n_held, n_dead = [], 0, 0, 0
+        upserts = deletes = 0
+        for batch in state.batches(pipeline.name, upto=upto_batch):
+            if batch.last <= delivered:
+                continue
+            rows = state.read_changes_with_messages(
+                pipeline.name, max(delivered, _before(batch)), batch.last)
+            items: list[_Item] = []
+            for ch, message in rows:
+                it = builder.item(ch)
+                if it is not None:
+                    it.change = HeldChange(it.change.key, ch.position, ch.relation_id, ch.op,
+                                           message)
+                    items.append(it)
+            blocked = held.blocked(it.change.key for it in items)
+            for it in items:
+                it.parked = it.change.key in blocked
+            done = held.delivered_subs(batch.first, batch.last)
+            sent = _send(sink, items, done)
+            faults.hit("after_send")
+            by_key = _settle(items, sent)
+            with state.conn.transaction():
+                held.record_delivered((it.change.position, sub, out.status)
+                                      for it, sub, out in sent if out.ok)
+                for key_items in by_key.values():
+                    parked = [it for it in key_items if it.parked]
+                    if parked:  # the key was blocked before this batch: wait behind it
+                        held.hold(it.change for it in parked)
+                        n_held += len(parked)
+                    live = [it for it in key_items if not it.parked]
+                    first_bad = next((i for i, it in enumerate(live) if it.failure), None)
+                    if first_bad is None:
+                        continue
+                    head, rest = live[first_bad], live[first_bad + 1:]
+                    chain = [head.change, *(it.change for it in rest)]
+                    assert head.failure is not None
+                    if head.failure.transient and policy.max_attempts > 1:
+                        at = due_at(backoff(policy, 1, head.failure.retry_after_s))
+                        held.hold([replace(head.change, attempts=1), *chain[1:]],
+                                  next_attempt_at=at, failure=head.failure)
+                        n_held += len(chain)
+                    else:
+                        held.kill(chain, head.failure, attempts=1)
+                        n_dead += len(chain)
+                state.record_delivered(pipeline.name, target, batch.last, batch.batch_id)
+                held.trim_ledger(batch.last)
+            faults.hit("after_record")
+            delivered = batch.last
+            changes += len(rows)
+            done_batches.append(batch)
+            upserts += sum(1 for it, _, out in sent if out.ok and it.change.op in "IU")
+            deletes += sum(1 for it, _, out in sent if out.ok and it.change.op == "D")
+        return DeliveryReport(
+            pipeline.name, target, tuple(b.batch_id for b in done_batches), changes, (),
+            ApplyStats(upserts=upserts, deletes=deletes),
+            done_batches[0].first.commit_lsn if done_batches else None,
+            done_batches[-1].last.commit_lsn if done_batches else None,
+            time.monotonic() - started, held_changes=n_held, dead_letters=n_dead,
+        )
+    finally:
+        state.unlock(lock)
+
+
+def sweep_http(
+    state: StateStore, pipeline: PipelineSpec, target: str, sink: HttpSink, *,
+    now: datetime | None = None, max_keys: int = 10_000, faults: Faults = NO_FAULTS,
+    lock_timeout_s: float = 300.0,
+) -> SweepReport:
+    started = time.monotonic()
+    now = now or datetime.now(timezone.utc)
+    lock = f"deliver:{pipeline.name}:{target}"
+    _wait_for_lock(state, lock, lock_timeout_s)
+    try:
+        held = HeldStore(state, pipeline.name, target)
+        builder = _Requests(state, pipeline, target)
+        policy = pipeline.policy.retry
+        keys = held.due_keys(now, max_keys)
+        items: list[_Item] = []
+        for key in keys:
+            for hc in held.chain(key):
+                ch = _decode_stored(hc.position.commit_lsn, hc.position.seq, 0, hc.relation_id,
+                                    hc.op, hc.message)
+                it = builder.item(ch, held=hc)
+                if it is None:  # the table left the spec: nothing can deliver it
+                    it = _Item(hc, failure=Failure(False, None, "table no longer in the spec"))
+                items.append(it)
+        done: set[tuple[int, int, int]] = set()
+        for it in items:
+            done |= held.delivered_subs(it.change.position, it.change.position)
+        sent = _send(sink, items, done)
+        faults.hit("after_send")
+        by_key = _settle(items, sent)
+        delivered = rescheduled = dead = 0
+        with state.conn.transaction():
+            held.record_delivered((it.change.position, sub, out.status)
+                                  for it, sub, out in sent if out.ok)
+            for key, key_items in by_key.items():
+                first_bad = next((i for i, it in enumerate(key_items) if it.failure), None)
+                ok = key_items if first_bad is None else key_items[:first_bad]
+                held.release(it.change.position for it in ok)
+                delivered += len(ok)
+                if first_bad is None:
+                    continue
+                head, rest = key_items[first_bad], key_items[first_bad + 1:]
+                assert head.failure is not None
+                attempts = head.change.attempts + 1
+                if head.failure.transient and attempts < policy.max_attempts:
+                    at = due_at(backoff(policy, attempts, head.failure.retry_after_s), now)
+                    held.reschedule(key, head.change.position, attempts, at, head.failure)
+                    rescheduled += 1
+                else:
+                    failure = head.failure
+                    if failure.transient:
+                        failure = Failure(False, failure.status,
+                                          f"gave up after {attempts} attempts: {failure.error}")
+                    held.kill([head.change, *(it.change for it in rest)], failure, attempts)
+                    dead += 1 + len(rest)
+        return SweepReport(pipeline.name, target, len(keys), delivered, rescheduled, dead,
+                           time.monotonic() - started)
+    finally:
+        state.unlock(lock)
+
