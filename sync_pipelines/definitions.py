@@ -11,6 +11,7 @@ import os
 
 import dagster as dg
 
+from sync_pipelines.defs.failures import build_failure_defs
 from sync_pipelines.defs.pipelines import build_pipeline_defs
 from sync_pipelines.defs.resources import SyncEngine
 from sync_pipelines.engine.errors import SpecError
@@ -25,6 +26,7 @@ def build_definitions(spec_path: str) -> dg.Definitions:
         raise SpecError(str(err)) from None
     return dg.Definitions.merge(
         *(build_pipeline_defs(p) for p in spec.pipelines.values()),
+        *(build_failure_defs(p) for p in spec.pipelines.values()),
         dg.Definitions(resources={"sync": SyncEngine(spec_path=spec_path)}),
     )
 

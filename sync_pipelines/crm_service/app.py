@@ -317,12 +317,12 @@ class _State:
             stored = self.idempotency.get(key)
             if stored is not None:
                 if (stored.method, stored.path) != (method, path):
-                    response = _error(
+                    conflict = _error(
                         422,
                         f"idempotency key {key!r} was already used for "
                         f"{stored.method} {stored.path}",
                     )
-                    return response, "rejected"
+                    return conflict, "rejected"
                 replay = Response(
                     stored.body,
                     status_code=stored.status,
@@ -335,14 +335,14 @@ class _State:
             ]
             if poisoned:
                 first = poisoned[0]
-                response = _error(
+                rejection = _error(
                     first.status,
                     f"record {first.resource}/{first.id} is rejected (poison)",
                     rejected=[
                         {"resource": p.resource, "id": p.id, "status": p.status} for p in poisoned
                     ],
                 )
-                return response, "rejected"
+                return rejection, "rejected"
             response = self._apply(write)
             self.idempotency[key] = _Stored(
                 method, path, response.status_code, bytes(response.body)
