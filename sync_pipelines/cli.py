@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from sync_pipelines.crm_service.server import CrmServer
 from sync_pipelines.engine.embedded import EmbeddedPostgres, ensure_database, start_embedded
 from sync_pipelines.engine.pipeline import pull_pipeline
 from sync_pipelines.engine.spec import load_spec
@@ -33,6 +35,15 @@ def _repo_file(name: str) -> Path:
     if not path.exists():
         sys.exit(f"sync-pipelines: {name} not found in {Path.cwd()}; run from the project folder")
     return path
+
+
+def start_crm() -> CrmServer:
+    """The reference CRM API (an HTTP target of the demo spec) on 127.0.0.1, with a token."""
+    token = os.environ.get("SYNC_CRM_TOKEN") or secrets.token_urlsafe(24)
+    crm = CrmServer(bearer_token=token).start()
+    os.environ.update({"SYNC_CRM_URL": crm.base_url, "SYNC_CRM_TOKEN": token})
+    print(f"reference CRM API: {crm.base_url} (inspect: {crm.base_url}/_admin/received)")
+    return crm
 
 
 def prepare_environment(home: Path, spec: Path) -> EmbeddedPostgres:
@@ -96,12 +107,31 @@ def smoke(spec_path: Path) -> int:
         if not runs:
             print(f"{name}: the sensor requested no delivery run")
             return 1
-        drift = engine.compare_tables(spec, name)
+        drift = engine.compare_tables(spec, name) + _crm_drift(spec, name)
         if drift:
             print(f"{name}: target differs from source: {drift}")
             return 1
         print(f"{name}: target matches source after {runs} delivery run(s)")
     return 0
+
+
+def _crm_drift(spec, name: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """Record counts in the reference CRM against the source (rows the filter keeps)."""
+    import httpx
+    import psycopg
+
+    problems = []
+    resources = {"public.customers": "companies", "public.contacts": "contacts",
+                 "public.deals": "deals"}
+    records = httpx.get(f"{os.environ['SYNC_CRM_URL']}/_admin/records").json()
+    with psycopg.connect(os.environ["SYNC_SOURCE_DSN"]) as conn:
+        for table, resource in resources.items():
+            where = " WHERE stage <> 'spam'" if resource == "deals" else ""
+            row = conn.execute(f"SELECT count(*) FROM {table}{where}").fetchone()  # noqa: S608
+            want, have = (row[0] if row else 0), len(records.get(resource, {}))
+            if want != have:
+                problems.append(f"crm_api/{resource}: {have} records, source has {want}")
+    return problems
 
 
 def _tick(sensor, instance, resources, job) -> int:  # type: ignore[no-untyped-def]
@@ -125,6 +155,7 @@ def demo(args: argparse.Namespace) -> int:
     # SIGTERM (a service manager, `timeout`) takes the same clean path as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     spec = _repo_file(args.spec).resolve()
+    crm = start_crm()
     pg = prepare_environment(Path(args.home).resolve(), spec)
     try:
         if args.smoke:
@@ -145,6 +176,7 @@ def demo(args: argparse.Namespace) -> int:
             gen.stop()
     finally:
         pg.stop()
+        crm.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
