@@ -19,14 +19,29 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
-from .errors import TransientDeliveryError
+from .errors import TerminalDeliveryError, TransientDeliveryError
 from .faults import NO_FAULTS, Faults
+from .held import Failure, HeldChange, HeldStore, change_key
 from .mapping import Mapper, TargetOp
 from .pgoutput import format_lsn
 from .sinks.postgres import ApplyStats, PostgresSink
 from .spec import PipelineSpec
-from .state import BatchInfo, Position, StateStore
+from .state import BatchInfo, Position, StateStore, _decode_stored
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What one retry sweep did for one target."""
+
+    pipeline: str
+    target: str
+    keys: int = 0
+    delivered: int = 0
+    rescheduled: int = 0
+    dead_letters: int = 0
+    duration_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -85,22 +100,39 @@ def deliver(
         mapper = Mapper(pipeline, state.relation)
         done: list[BatchInfo] = []
         skipped: list[int] = []
-        changes = 0
+        changes = n_held = n_dead = 0
         stats = ApplyStats()
+        held = HeldStore(state, pipeline.name, target)
         for batch in state.batches(pipeline.name, upto=upto_batch):
             if batch.last <= checkpoint:
                 skipped.append(batch.batch_id)
                 state.record_delivered(pipeline.name, target, batch.last, batch.batch_id)
                 continue
-            rows = state.read_changes(pipeline.name, max(checkpoint, _before(batch)), batch.last)
-            ops: list[TargetOp] = []
-            for ch in rows:
+            rows = state.read_changes_with_messages(
+                pipeline.name, max(checkpoint, _before(batch)), batch.last)
+            items: list[tuple[HeldChange, list[TargetOp]]] = []
+            for ch, message in rows:
                 tm = mapper.table_mapper(ch.relation_id)
-                if tm is not None:
-                    sink.prepare(tm, ch.relation_id)
-                ops.extend(mapper.map(ch))
+                if tm is None:
+                    continue
+                sink.prepare(tm, ch.relation_id)
+                ops = mapper.map(ch)
+                items.append((HeldChange(change_key(tm.target_table, ops), ch.position,
+                                         ch.relation_id, ch.op, message), ops))
             faults.hit("before_apply")
-            stats += sink.apply(ops, through=batch.last, batch_id=batch.batch_id)
+            blocked = held.blocked(hc.key for hc, _ in items)
+            bulk_ok = False
+            if not blocked:
+                try:
+                    stats += sink.apply([op for _, ops in items for op in ops],
+                                        through=batch.last, batch_id=batch.batch_id)
+                    bulk_ok = True
+                except TerminalDeliveryError:
+                    pass  # some change is refused for good: find it, change by change
+            if not bulk_ok:
+                b_stats, b_held, b_dead = _apply_isolating(state, held, sink, items, blocked,
+                                                           batch)
+                stats, n_held, n_dead = stats + b_stats, n_held + b_held, n_dead + b_dead
             faults.hit("after_apply")
             state.record_delivered(pipeline.name, target, batch.last, batch.batch_id)
             checkpoint = batch.last
@@ -111,12 +143,88 @@ def deliver(
             stats,
             done[0].first.commit_lsn if done else None,
             done[-1].last.commit_lsn if done else None,
-            time.monotonic() - started,
+            time.monotonic() - started, held_changes=n_held, dead_letters=n_dead,
         )
     finally:
         state.unlock(lock)
 
 
+def _apply_isolating(
+    state: StateStore, held: HeldStore, sink: PostgresSink,
+    items: list[tuple[HeldChange, list[TargetOp]]], blocked: set[str], batch: BatchInfo,
+) -> tuple[ApplyStats, int, int]:
+    """Apply a batch change by change: changes of blocked keys park behind what blocks them,
+    a change the target refuses for good becomes a dead letter with everything of its key
+    after it, the rest is applied. Dead letters and parked changes are recorded in the state
+    DB *before* the target commits its checkpoint (idempotently: a replay skips positions
+    already held or dead), so no refused change can be passed over by a crash."""
+    taken = held.taken(batch.first, batch.last)
+    parked = [hc for hc, _ in items if hc.key in blocked and hc.position not in taken]
+    live = [(hc, ops) for hc, ops in items if hc.key not in blocked]
+    dead = 0
+
+    def record(failures: dict[int, str]) -> None:
+        nonlocal dead
+        with state.conn.transaction():
+            held.hold(parked)
+            for i, error in failures.items():
+                head = live[i][0]
+                chain = [head, *(hc for hc, _ in live[i + 1:] if hc.key == head.key)]
+                chain = [hc for hc in chain if hc.position not in taken]
+                held.kill(chain, Failure(False, None, error), attempts=1)
+                dead += len(chain)
+
+    stats, _ = sink.apply_isolated([(hc.key, ops) for hc, ops in live],
+                                   checkpoint=(batch.last, batch.batch_id), before_commit=record)
+    return stats, len(parked), dead
+
+
 def _before(batch: BatchInfo) -> Position:
     """The position just before a batch's first change."""
     return Position(batch.first.commit_lsn, batch.first.seq - 1)
+
+
+def sweep_postgres(
+    state: StateStore, pipeline: PipelineSpec, target: str, sink: PostgresSink, *,
+    now: datetime | None = None, max_keys: int = 10_000, lock_timeout_s: float = 300.0,
+) -> SweepReport:
+    """Apply the held chains of due keys (redriven dead letters, and what parked behind them)
+    in order, change by change. The state is updated after the target commits: a crash in
+    between re-applies the same chains, which leaves the same rows."""
+    started = time.monotonic()
+    now = now or datetime.now(timezone.utc)
+    lock = f"deliver:{pipeline.name}:{target}"
+    _wait_for_lock(state, lock, lock_timeout_s)
+    try:
+        held = HeldStore(state, pipeline.name, target)
+        mapper = Mapper(pipeline, state.relation)
+        keys = held.due_keys(now, max_keys)
+        entries: list[tuple[HeldChange, list[TargetOp]]] = []
+        for key in keys:
+            for hc in held.chain(key):
+                ch = _decode_stored(hc.position.commit_lsn, hc.position.seq, 0, hc.relation_id,
+                                    hc.op, hc.message)
+                tm = mapper.table_mapper(ch.relation_id)
+                if tm is not None:
+                    sink.prepare(tm, ch.relation_id)
+                entries.append((hc, mapper.map(ch) if tm is not None else []))
+        stats, failures = sink.apply_isolated([(hc.key, ops) for hc, ops in entries],
+                                              checkpoint=None, before_commit=lambda _: None)
+        heads = {entries[i][0].key: i for i in failures}
+        delivered = dead = 0
+        with state.conn.transaction():
+            for key in keys:
+                chain = [(i, hc) for i, (hc, _) in enumerate(entries) if hc.key == key]
+                head_i = heads.get(key)
+                ok = [hc for i, hc in chain if head_i is None or i < head_i]
+                held.release(hc.position for hc in ok)
+                delivered += len(ok)
+                if head_i is not None:
+                    bad = [hc for i, hc in chain if i >= head_i]
+                    held.kill(bad, Failure(False, None, failures[head_i]),
+                              attempts=entries[head_i][0].attempts + 1)
+                    dead += len(bad)
+        return SweepReport(pipeline.name, target, len(keys), delivered, 0, dead,
+                           time.monotonic() - started)
+    finally:
+        state.unlock(lock)

@@ -25,11 +25,11 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
-from .deliver import DeliveryReport, _before, _wait_for_lock
+from .deliver import DeliveryReport, SweepReport, _before, _wait_for_lock
 from .errors import SpecError
 from .faults import NO_FAULTS, Faults
-from .held import Failure, HeldChange, HeldStore, backoff, due_at, key_text
-from .mapping import Delete, Mapper, Truncate, Upsert
+from .held import Failure, HeldChange, HeldStore, backoff, change_key, due_at
+from .mapping import Delete, Mapper, Truncate
 from .sinks.http import Endpoint, HttpChange, HttpOutcome, HttpSink, http_change
 from .sinks.postgres import ApplyStats
 from .spec import HttpTargetSpec, PipelineSpec
@@ -44,17 +44,6 @@ class _Item:
     requests: list[tuple[int, HttpChange]] = field(default_factory=list)  # (sub, request)
     failure: Failure | None = None
     parked: bool = False
-
-
-@dataclass(frozen=True)
-class SweepReport:
-    pipeline: str
-    target: str
-    keys: int = 0
-    delivered: int = 0
-    rescheduled: int = 0
-    dead_letters: int = 0
-    duration_s: float = 0.0
 
 
 class _Requests:
@@ -75,11 +64,7 @@ class _Requests:
         if tm is None:
             return None
         ops = self.mapper.map(ch)
-        key_values: tuple[object, ...] = ("*",)
-        for op in ops:
-            if isinstance(op, Upsert | Delete):
-                key_values = op.key
-        change = held or HeldChange(key_text(tm.target_table, key_values), ch.position,
+        change = held or HeldChange(change_key(tm.target_table, ops), ch.position,
                                     ch.relation_id, ch.op, b"")
         item = _Item(change)
         endpoints = self.endpoints.get(tm.source_table)

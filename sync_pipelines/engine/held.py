@@ -32,8 +32,19 @@ from typing import Any
 
 from psycopg import sql
 
+from .mapping import Delete, TargetOp, Upsert
 from .spec import RetrySpec
 from .state import Position, StateStore
+
+
+def change_key(table: str, ops: Sequence[TargetOp]) -> str:
+    """The key a change is held under: that of its last row operation (a key-changing UPDATE
+    is held under its new key; a TRUNCATE under the table's ``"*"``)."""
+    key: Sequence[Any] = ("*",)
+    for op in ops:
+        if isinstance(op, Upsert | Delete):
+            key = op.key
+    return key_text(table, key)
 
 
 def key_text(table: str, key: Sequence[Any]) -> str:
@@ -107,6 +118,17 @@ class HeldStore:
             "target = %s AND (commit_lsn, seq) >= (%s, %s) AND (commit_lsn, seq) <= (%s, %s)"),
             (*self._pt, first.commit_lsn, first.seq, last.commit_lsn, last.seq)).fetchall()
         return {(r[0], r[1], r[2]) for r in rows}
+
+    def taken(self, first: Position, last: Position) -> set[Position]:
+        """Positions in a range already held or dead-lettered for this target (a replay)."""
+        rows = self.conn.execute(self._q(
+            "SELECT commit_lsn, seq FROM {schema}.held WHERE pipeline = %s AND target = %s "
+            "AND (commit_lsn, seq) BETWEEN (%s, %s) AND (%s, %s) UNION SELECT commit_lsn, seq "
+            "FROM {schema}.dead_letter WHERE pipeline = %s AND target = %s AND resolved_at IS "
+            "NULL AND (commit_lsn, seq) BETWEEN (%s, %s) AND (%s, %s)"),
+            (*self._pt, first.commit_lsn, first.seq, last.commit_lsn, last.seq,
+             *self._pt, first.commit_lsn, first.seq, last.commit_lsn, last.seq)).fetchall()
+        return {Position(r[0], r[1]) for r in rows}
 
     def due_keys(self, now: datetime, limit: int) -> list[str]:
         """Keys whose head is due and that have no unresolved dead letters, oldest first."""
@@ -206,7 +228,8 @@ class HeldStore:
             self.conn.execute(self._q(
                 "INSERT INTO {schema}.dead_letter (pipeline, target, key, commit_lsn, seq, "
                 "relation_id, op, message, attempts, last_status, reason) VALUES "
-                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"),
+                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (pipeline, target, "
+                "commit_lsn, seq) WHERE resolved_at IS NULL DO NOTHING"),
                 (*self._pt, c.key, c.position.commit_lsn, c.position.seq, c.relation_id, c.op,
                  c.message, attempts if i == 0 else 0, failure.status if i == 0 else None,
                  reason))

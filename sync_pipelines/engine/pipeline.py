@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from .deliver import DeliveryReport, deliver
-from .deliver_http import SweepReport, deliver_http, sweep_http
+from .deliver import DeliveryReport, SweepReport, deliver, sweep_postgres
+from .deliver_http import deliver_http, sweep_http
 from .errors import SpecError
 from .faults import NO_FAULTS, Faults
 from .held import HeldStore
@@ -127,19 +127,19 @@ def compare_tables(spec: SyncSpec, name: str) -> list[str]:
     return problems
 
 
-def http_targets(pipeline: PipelineSpec) -> list[str]:
-    return [t for t, s in pipeline.targets.items() if isinstance(s, HttpTargetSpec)]
-
-
 def sweep_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS
                    ) -> list[SweepReport]:
-    """The retry schedule's work: deliver due retries of every HTTP target, in key order."""
+    """The retry schedule's work: deliver due retries of every target, in key order."""
     pipeline = spec.pipelines[name]
     reports = []
     with open_state(spec) as state:
-        for target in http_targets(pipeline):
-            with open_http_sink(pipeline, target) as http:
-                reports.append(sweep_http(state, pipeline, target, http, faults=faults))
+        for target, tspec in pipeline.targets.items():
+            if isinstance(tspec, HttpTargetSpec):
+                with open_http_sink(pipeline, target) as http:
+                    reports.append(sweep_http(state, pipeline, target, http, faults=faults))
+            elif HeldStore(state, name, target).counts()[0]:  # only connect if work is held
+                with open_sink(pipeline, target) as sink:
+                    reports.append(sweep_postgres(state, pipeline, target, sink))
     return reports
 
 

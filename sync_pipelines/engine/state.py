@@ -155,6 +155,8 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX dead_letter_open ON {schema}.dead_letter (pipeline, target, key)
         WHERE resolved_at IS NULL;
+    CREATE UNIQUE INDEX dead_letter_once ON {schema}.dead_letter
+        (pipeline, target, commit_lsn, seq) WHERE resolved_at IS NULL;
     CREATE TABLE {schema}.ledger (
         pipeline     text NOT NULL,
         target       text NOT NULL,

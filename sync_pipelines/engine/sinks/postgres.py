@@ -19,6 +19,7 @@ errors are terminal and name the table and constraint.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,28 +188,67 @@ class PostgresSink:
 
     def apply(self, ops: list[TargetOp], *, through: Position, batch_id: int) -> ApplyStats:
         """Apply a batch's operations and move the checkpoint to ``through``, atomically."""
+        with self._errors(f"applying batch {batch_id}"), self.conn.transaction():
+            stats = self._apply_ops(ops)
+            self._write_checkpoint(through, batch_id)
+        return stats
+
+    def apply_isolated(
+        self, changes: Sequence[tuple[str, list[TargetOp]]], *,
+        checkpoint: tuple[Position, int] | None, before_commit: Callable[[dict[int, str]], None],
+    ) -> tuple[ApplyStats, dict[int, str]]:
+        """Apply changes one by one, each in a savepoint, in one target transaction.
+
+        ``changes`` are ``(key, ops)`` in stream order. A change the target rejects for good
+        (constraint or data error) is rolled back alone and every later change of its key is
+        skipped; other keys go on. Returns the stats and ``{index: error}`` of the rejected
+        *heads*. ``before_commit(failures)`` runs before the target commits, so the caller can
+        record dead letters durably first (a crash in between replays the batch, and recording
+        is idempotent). Transient errors abort the whole transaction as in :meth:`apply`.
+        """
+        stats = ApplyStats()
+        failures: dict[int, str] = {}
+        failed_keys: set[str] = set()
+        with self._errors("applying changes one by one"), self.conn.transaction():
+            for i, (key, ops) in enumerate(changes):
+                if key in failed_keys:
+                    continue
+                try:
+                    with self.conn.transaction():  # a savepoint
+                        stats += self._apply_ops(ops, clear_temps=True)
+                except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as err:
+                    failures[i] = f"{self._where}: {describe_error(err)}"
+                    failed_keys.add(key)
+                    self._temps.clear()  # any created in the rolled-back savepoint are gone
+            if checkpoint is not None:
+                self._write_checkpoint(*checkpoint)
+            before_commit(failures)
+        return stats, failures
+
+    def _apply_ops(self, ops: list[TargetOp], *, clear_temps: bool = False) -> ApplyStats:
         tables = compact(ops)
         stats = ApplyStats()
-        with self._errors(f"applying batch {batch_id}"), self.conn.transaction():
-            truncated = [t for t, o in tables.items() if o.truncate]
-            if truncated:
-                self.conn.execute(sql.SQL("TRUNCATE {}").format(
-                    sql.SQL(", ").join(_ident(t) for t in truncated)))
-                stats += ApplyStats(truncates=len(truncated))
-            for table, t_ops in tables.items():
-                stats += self._apply_deletes(table, t_ops)
-            for table, t_ops in tables.items():
-                stats += self._apply_upserts(table, t_ops)
-            self.conn.execute(
-                sql.SQL(
-                    "INSERT INTO {} (pipeline, target, commit_lsn, seq, batch_id) "
-                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (pipeline, target) DO UPDATE SET "
-                    "commit_lsn = EXCLUDED.commit_lsn, seq = EXCLUDED.seq, "
-                    "batch_id = EXCLUDED.batch_id, applied_at = now()"
-                ).format(self._ckpt),
-                (self.pipeline, self.target, through.commit_lsn, through.seq, batch_id),
-            )
+        truncated = [t for t, o in tables.items() if o.truncate]
+        if truncated:
+            self.conn.execute(sql.SQL("TRUNCATE {}").format(
+                sql.SQL(", ").join(_ident(t) for t in truncated)))
+            stats += ApplyStats(truncates=len(truncated))
+        for table, t_ops in tables.items():
+            stats += self._apply_deletes(table, t_ops, clear_temps)
+        for table, t_ops in tables.items():
+            stats += self._apply_upserts(table, t_ops, clear_temps)
         return stats
+
+    def _write_checkpoint(self, through: Position, batch_id: int) -> None:
+        self.conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (pipeline, target, commit_lsn, seq, batch_id) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (pipeline, target) DO UPDATE SET "
+                "commit_lsn = EXCLUDED.commit_lsn, seq = EXCLUDED.seq, "
+                "batch_id = EXCLUDED.batch_id, applied_at = now()"
+            ).format(self._ckpt),
+            (self.pipeline, self.target, through.commit_lsn, through.seq, batch_id),
+        )
 
     def _temp_table(self, table: str, columns: list[str]) -> sql.Identifier:
         """A session temp table shaped like ``table``'s ``columns``, emptied at each commit."""
@@ -244,7 +284,8 @@ class PostgresSink:
             out.append(tuple(lst))
         return out
 
-    def _apply_deletes(self, table: str, t_ops: TableOps) -> ApplyStats:
+    def _apply_deletes(self, table: str, t_ops: TableOps, clear_temps: bool = False
+                       ) -> ApplyStats:
         deletes = t_ops.deletes
         if not deletes:
             return ApplyStats()
@@ -254,9 +295,12 @@ class PostgresSink:
         self.conn.execute(sql.SQL("DELETE FROM {} t USING {} d WHERE {}").format(
             _ident(table), temp, sql.SQL(" AND ").join(
                 sql.SQL("t.{k} = d.{k}").format(k=sql.Identifier(k)) for k in keys)))
+        if clear_temps:  # several applies in one transaction: start the next one empty
+            self.conn.execute(sql.SQL("TRUNCATE {}").format(temp))
         return ApplyStats(deletes=len(deletes))
 
-    def _apply_upserts(self, table: str, t_ops: TableOps) -> ApplyStats:
+    def _apply_upserts(self, table: str, t_ops: TableOps, clear_temps: bool = False
+                       ) -> ApplyStats:
         upserts = t_ops.upserts
         if not upserts:
             return ApplyStats()
@@ -278,12 +322,32 @@ class PostgresSink:
                 "INSERT INTO {t} ({cols}) SELECT {cols} FROM {tmp} ON CONFLICT ({keys}) {action}"
             ).format(t=_ident(table), cols=col_list, tmp=temp,
                      keys=sql.SQL(", ").join(map(sql.Identifier, keys)), action=action))
+            if clear_temps:
+                self.conn.execute(sql.SQL("TRUNCATE {}").format(temp))
         return ApplyStats(upserts=len(upserts))
 
     # -- errors ------------------------------------------------------------------------------
 
     def _errors(self, doing: str) -> _ErrorMap:
         return _ErrorMap(self, doing)
+
+
+def _detail(err: psycopg.Error) -> str:
+    diag = getattr(err, "diag", None)
+    detail = []
+    if diag is not None:
+        if diag.table_name:
+            detail.append(f"table {diag.schema_name}.{diag.table_name}")
+        if diag.constraint_name:
+            detail.append(f"constraint {diag.constraint_name}")
+        if diag.message_detail:
+            detail.append(diag.message_detail)
+    return f" ({'; '.join(detail)})" if detail else ""
+
+
+def describe_error(err: psycopg.Error) -> str:
+    """The first line of a driver error plus the table, constraint and row it names."""
+    return f"{_first_line(err)}{_detail(err)}"
 
 
 class _ErrorMap:
@@ -306,16 +370,7 @@ class _ErrorMap:
         if not isinstance(err, psycopg.Error):
             return False
         where = f"{self.sink._where}, {self.doing}"
-        diag = getattr(err, "diag", None)
-        detail = []
-        if diag is not None:
-            if diag.table_name:
-                detail.append(f"table {diag.schema_name}.{diag.table_name}")
-            if diag.constraint_name:
-                detail.append(f"constraint {diag.constraint_name}")
-            if diag.message_detail:
-                detail.append(diag.message_detail)
-        extra = f" ({'; '.join(detail)})" if detail else ""
+        extra = _detail(err)
         if isinstance(err, psycopg.errors.InvalidColumnReference) and "ON CONFLICT" in str(err):
             raise TerminalDeliveryError(
                 f"{where}: the target table has no unique index on the key columns; add a "
