@@ -338,7 +338,8 @@ class Crm:
             except httpx.TransportError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise SystemExit(f"the CRM service did not answer in 30 s; see {log_path}")
+                    raise SystemExit(
+                        f"the CRM service did not answer in 30 s; see {log_path}") from None
                 time.sleep(0.05)
         # The python process serving (the child of py-spy when profiled).
         self.server_pid = self.proc.pid

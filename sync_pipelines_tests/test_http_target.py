@@ -204,3 +204,22 @@ def test_retry_after_is_honoured(crm, crm_server, source_dsn):
 
 def _state_dsn(spec) -> str:
     return spec.state.resolve("state")
+
+
+def test_sweep_killed_mid_way_loses_and_duplicates_nothing(crm, crm_server, source_dsn):
+    crm_server.set_faults(outage=True, retry_after_s=0)
+    writes(source_dsn, 3, 2)
+    assert sync(crm).held_changes == 9
+    crm_server.set_faults()
+    later = datetime.now(timezone.utc) + LATER
+    # The sweep sent everything, then "died" before recording it.
+    with open_state(crm) as state, open_http_sink(crm.pipelines["crm"], "api") as http, \
+            pytest.raises(InjectedCrash):
+        sweep_http(state, crm.pipelines["crm"], "api", http, now=later,
+                   faults=Faults(["after_send"]))
+    assert target_health(crm, "crm")[0].held == 9  # nothing was released
+    swept = sweep(crm, later)  # the restarted sweep re-sends with the same keys
+    assert swept.delivered == 9
+    received = crm_server.received()
+    assert received["applied"] == 9 and received["duplicates"] == 9
+    assert_in_order_once(crm_server, 3, 2)
