@@ -60,6 +60,16 @@ class DeliveryReport:
     held_changes: int = 0  # changes put in the retry queue or parked behind one (HTTP)
     dead_letters: int = 0  # changes that became dead letters in this delivery (HTTP)
 
+    @classmethod
+    def of(cls, pipeline: str, target: str, batches: list[BatchInfo], changes: int,
+           stats: ApplyStats, started: float, *, skipped: tuple[int, ...] = (),
+           held_changes: int = 0, dead_letters: int = 0) -> DeliveryReport:
+        """The report of a delivery that applied ``batches`` (oldest first) since ``started``."""
+        return cls(pipeline, target, tuple(b.batch_id for b in batches), changes, skipped,
+                   stats, batches[0].first.commit_lsn if batches else None,
+                   batches[-1].last.commit_lsn if batches else None,
+                   time.monotonic() - started, held_changes, dead_letters)
+
     @property
     def lsn_range(self) -> str:
         if self.first_lsn is None or self.last_lsn is None:
@@ -138,13 +148,9 @@ def deliver(
             checkpoint = batch.last
             changes += len(rows)
             done.append(batch)
-        return DeliveryReport(
-            pipeline.name, target, tuple(b.batch_id for b in done), changes, tuple(skipped),
-            stats,
-            done[0].first.commit_lsn if done else None,
-            done[-1].last.commit_lsn if done else None,
-            time.monotonic() - started, held_changes=n_held, dead_letters=n_dead,
-        )
+        return DeliveryReport.of(pipeline.name, target, done, changes, stats, started,
+                                 skipped=tuple(skipped), held_changes=n_held,
+                                 dead_letters=n_dead)
     finally:
         state.unlock(lock)
 

@@ -176,13 +176,9 @@ def deliver_http(
             done_batches.append(batch)
             upserts += sum(1 for it, _, out in sent if out.ok and it.change.op in "IU")
             deletes += sum(1 for it, _, out in sent if out.ok and it.change.op == "D")
-        return DeliveryReport(
-            pipeline.name, target, tuple(b.batch_id for b in done_batches), changes, (),
-            ApplyStats(upserts=upserts, deletes=deletes),
-            done_batches[0].first.commit_lsn if done_batches else None,
-            done_batches[-1].last.commit_lsn if done_batches else None,
-            time.monotonic() - started, held_changes=n_held, dead_letters=n_dead,
-        )
+        return DeliveryReport.of(pipeline.name, target, done_batches, changes,
+                                 ApplyStats(upserts=upserts, deletes=deletes), started,
+                                 held_changes=n_held, dead_letters=n_dead)
     finally:
         state.unlock(lock)
 
