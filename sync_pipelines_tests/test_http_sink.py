@@ -527,11 +527,13 @@ def make_app() -> Any:
     arrivals: list[tuple[str, int]] = []
     in_flight: Counter[str] = Counter()
     max_in_flight: Counter[str] = Counter()
+    peers: set[Any] = set()
 
     async def contact(request: Request) -> Response:
         k = request.path_params["id"]
         n = json.loads(await request.body()).get("n", -1) if request.method == "PUT" else -1
         arrivals.append((k, n))
+        peers.add(request.client)  # (host, port): one per connection
         in_flight[k] += 1
         max_in_flight[k] = max(max_in_flight[k], in_flight[k])
         try:
@@ -543,6 +545,7 @@ def make_app() -> Any:
     app = Starlette(routes=[Route("/contacts/{id}", contact, methods=["PUT", "DELETE"])])
     app.state.arrivals = arrivals
     app.state.max_in_flight = max_in_flight
+    app.state.peers = peers
     return app
 
 
@@ -580,11 +583,16 @@ def test_real_server_concurrency_across_keys_with_per_key_order(server: tuple[st
         t0 = time.perf_counter()
         out = s.send(changes)
         elapsed = time.perf_counter() - t0
+        arrivals = list(app.state.arrivals)
+        again = s.send([change(10_001 + i, f"again{i}") for i in range(64)])
+        assert all(o.ok for o in again)
     sequential = n * latency
     assert all(o.ok for o in out), [o.error for o in out if not o.ok][:3]
     assert elapsed < 0.5 * sequential, f"{elapsed:.2f}s vs sequential {sequential:.2f}s"
+    # Connections are kept alive and reused across calls: at most one per lane.
+    assert 1 < len(app.state.peers) <= concurrency
     per_key: dict[str, list[int]] = defaultdict(list)
-    for k, pos in app.state.arrivals:
+    for k, pos in arrivals:
         per_key[k].append(pos)
     assert dict(per_key) == expected_order(changes)
     assert max(app.state.max_in_flight[k] for k in per_key) == 1

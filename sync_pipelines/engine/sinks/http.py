@@ -11,22 +11,25 @@ Invariants:
 
 * **Per-key order.** Changes with the same ``key`` are sent strictly one after another in the
   given order, never two in flight for one key. Each key's chain is one task; chains start in
-  order of their first change, and every request waits its turn at one FIFO semaphore, so at
-  most ``concurrency`` requests are in flight and a hot key cannot starve the others.
+  order of their first change, and every request waits its turn for one of ``concurrency``
+  lanes (connections) handed out first come, first served, so at most ``concurrency`` requests
+  are in flight and a hot key cannot starve the others.
 * **Parking.** When a change fails (after inline retries), the later changes of its key in the
   same call are not sent: they come back ``parked`` behind it with the head's ``transient``
   flag. The caller keeps them behind the head in its retry queue; other keys keep flowing.
 * **Inline retries only for a short, announced wait.** A 429/503 whose ``Retry-After`` is at
-  most ``max_retry_after_s`` is retried in place (only that key's chain sleeps) with the same
-  idempotency key, up to ``max_inline_retries`` times. Everything else is returned to the
-  caller, with ``retry_after_s`` when the API gave one, for the durable retry queue.
+  most ``max_retry_after_s`` is retried in place (only that key's chain sleeps, its lane is
+  free meanwhile) with the same idempotency key, up to ``max_inline_retries`` times.
+  Everything else is returned to the caller, with ``retry_after_s`` when the API gave one, for
+  the durable retry queue.
 * **Idempotency.** Every request carries ``idempotency_key`` (stable per pipeline, target and
   stream position) in the configured header, so a replay is recognised by the API.
 
 What a crash does: outcomes exist only in memory until the caller records them. If the process
 dies during :meth:`~HttpSink.send`, some requests may have reached the API and others not, and
 nothing is recorded; the caller later sends the same changes again, in the same order, with the
-same idempotency keys. An API that honours the key treats the repeats as no-ops; a plain
+same idempotency keys. Each attempt has a deadline of ``timeout_s``, so a hung server cannot
+hold a call forever. An API that honours the key treats the repeats as no-ops; a plain
 ``PUT``/``DELETE`` is idempotent by itself, and per-key order still holds because a replay
 re-sends each key's chain in order (the target may briefly show an older state of the key
 before the newer change is applied again). The sink holds no other state.
@@ -35,8 +38,12 @@ Credentials (``headers``, ``auth``, user info in ``base_url``) are never logged 
 outcome errors; errors carry the status and the first 500 characters of the response body.
 
 A sink is used from one thread at a time (calls are serialised by a lock); it keeps its own
-event loop and one ``httpx.AsyncClient`` (connection pool, keep-alive) across calls until
-:meth:`~HttpSink.close`.
+event loop and its connections (keep-alive) across calls until :meth:`~HttpSink.close`.
+
+Throughput is bounded by Little's law, ``concurrency / latency``, and by the longest key chain
+(``chain length × latency``); on a 2-core machine the client's own CPU (httpx, about 1 ms per
+request over a real socket) caps one sink near 1,000 requests/s. Install ``sniffio``: without
+it httpcore retries a failed import on every request (encode/httpcore#1103), ~25% more CPU.
 """
 
 from __future__ import annotations
