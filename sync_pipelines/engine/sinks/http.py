@@ -425,7 +425,9 @@ class HttpSink:
                 pending = [t for t in asyncio.all_tasks(self._loop) if not t.done()]
                 for t in pending:
                     t.cancel()
-                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                if pending:  # gather() of nothing would belong to no loop and mask the error
+                    self._loop.run_until_complete(
+                        asyncio.gather(*pending, return_exceptions=True))
                 raise
 
     def close(self) -> None:
