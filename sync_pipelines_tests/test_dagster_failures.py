@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import dagster as dg
+import pytest
 import yaml
 
 from sync_pipelines.definitions import build_definitions
@@ -16,6 +17,14 @@ from sync_pipelines.engine.pipeline import deliver_pipeline, pull_pipeline, targ
 from sync_pipelines.engine.spec import load_spec
 
 from .support.pipelines import execute
+
+
+@pytest.fixture(autouse=True)
+def dagster_instance():
+    """A live Dagster instance for the whole test: loading definitions consults the current
+    instance's state storage, and one left over from an earlier test would be gone."""
+    with dg.instance_for_test() as instance:
+        yield instance
 
 
 def write_spec(tmp_path, monkeypatch, source_dsn, state_dsn, base_url):
