@@ -95,6 +95,14 @@ BAD_SPECS = [
     ({"tables": ["t"], "targets": {}}, "targets"),
     # an unknown key (typo) in a table mapping
     ({"tables": {"t": {"exlude": ["a"]}}, "targets": {"x": {}}}, "exlude"),
+    # an http target naming a table the pipeline does not capture
+    ({"tables": ["t"], "targets": {"api": {"kind": "http", "base_url_env": "X",
+                                           "tables": {"u": {"upsert": "PUT /u/{id}"}}}}},
+     "target 'api' lists table(s) public.u"),
+    # an http endpoint that is not a request line
+    ({"tables": ["t"], "targets": {"api": {"kind": "http", "base_url_env": "X",
+                                           "tables": {"t": {"upsert": "GET t"}}}}},
+     "targets.api.http.tables.public.t.upsert"),
     # a negative budget
     ({"tables": ["t"], "targets": {"x": {}}, "policy": {"demand_budget": -1}},
      "policy.demand_budget"),

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from .deliver import DeliveryReport, SweepReport, _before, _wait_for_lock
-from .errors import SpecError
 from .faults import NO_FAULTS, Faults
 from .held import Failure, HeldChange, HeldStore, backoff, change_key, due_at
 from .mapping import Delete, Mapper, Truncate
@@ -60,18 +59,15 @@ class _Requests:
         }
 
     def item(self, ch: StoredChange, held: HeldChange | None = None) -> _Item | None:
+        """The change's requests; None if this target does not take the change's table."""
         tm = self.mapper.table_mapper(ch.relation_id)
-        if tm is None:
+        if tm is None or tm.source_table not in self.endpoints:
             return None
         ops = self.mapper.map(ch)
         change = held or HeldChange(change_key(tm.target_table, ops), ch.position,
                                     ch.relation_id, ch.op, b"")
         item = _Item(change)
-        endpoints = self.endpoints.get(tm.source_table)
-        if endpoints is None:
-            raise SpecError(f"pipeline {self.pipeline.name!r}, target {self.target!r}: no "
-                            f"endpoints for table {tm.source_table} (add it under `tables:`)")
-        upsert, delete = endpoints
+        upsert, delete = self.endpoints[tm.source_table]
         for sub, op in enumerate(ops):
             if isinstance(op, Truncate) or (isinstance(op, Delete) and delete is None):
                 what = "TRUNCATE" if isinstance(op, Truncate) else "a delete (no `delete:` set)"
@@ -204,7 +200,8 @@ def sweep_http(
                                     hc.op, hc.message)
                 it = builder.item(ch, held=hc)
                 if it is None:  # the table left the spec: nothing can deliver it
-                    it = _Item(hc, failure=Failure(False, None, "table no longer in the spec"))
+                    gone = Failure(False, None, "its table is no longer sent to this target")
+                    it = _Item(hc, failure=gone)
                 items.append(it)
         done: set[tuple[int, int, int]] = set()
         for it in items:

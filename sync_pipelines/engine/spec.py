@@ -219,7 +219,14 @@ class HttpTargetSpec(_Model):
     """Environment variable holding the API's base URL (e.g. https://crm.example.com/api)."""
     auth: HttpAuthSpec = Field(default_factory=HttpAuthSpec)
     tables: dict[str, HttpTableSpec]
-    """Per source table (``[schema.]table``): the requests its changes become."""
+    """Per source table (``[schema.]table``): the requests its changes become. Tables of the
+    pipeline not listed here are not sent to this target."""
+
+    @model_validator(mode="after")
+    def _some_tables(self) -> HttpTargetSpec:
+        if not self.tables:
+            raise ValueError("an http target needs at least one table under `tables:`")
+        return self
     idempotency_header: str = "Idempotency-Key"
     """Header carrying each change's stable idempotency key."""
     concurrency: int = Field(default=16, ge=1, le=512)
@@ -320,6 +327,16 @@ class PipelineSpec(_Model):
                 raise ValueError(f"target name {name!r} must match {_NAME.pattern}")
         return v
 
+    @model_validator(mode="after")
+    def _http_tables_are_pipeline_tables(self) -> PipelineSpec:
+        for name, target in self.targets.items():
+            if isinstance(target, HttpTargetSpec):
+                unknown = sorted(set(target.tables) - set(self.tables))
+                if unknown:
+                    raise ValueError(f"target {name!r} lists table(s) {', '.join(unknown)} "
+                                     "that are not under the pipeline's `tables:`")
+        return self
+
     @property
     def slot(self) -> str:
         return self.source.slot or f"sync_{self.name}"
@@ -375,8 +392,11 @@ def _describe(err: ValidationError, source: str) -> str:
         if len(loc) >= 2 and loc[0] == "pipelines":
             where = f"pipeline {loc[1]!r}, "
             loc = loc[2:]
-        field = ".".join(loc) or "(top level)"
-        lines.append(f"{source}: {where}{field}: {e['msg']}")
+        field = ".".join(loc)
+        if field:
+            lines.append(f"{source}: {where}{field}: {e['msg']}")
+        else:
+            lines.append(f"{source}: {where.rstrip(', ') or '(top level)'}: {e['msg']}")
     return "\n".join(lines)
 
 
