@@ -28,7 +28,7 @@ from .mapping import Mapper, TargetOp
 from .pgoutput import format_lsn
 from .sinks.postgres import ApplyStats, PostgresSink
 from .spec import PipelineSpec
-from .state import BatchInfo, Position, StateStore, _decode_stored
+from .state import BatchInfo, Position, StateStore, StoredChange, _decode_stored
 
 
 @dataclass(frozen=True)
@@ -120,28 +120,31 @@ def deliver(
                 continue
             rows = state.read_changes_with_messages(
                 pipeline.name, max(checkpoint, _before(batch)), batch.last)
-            items: list[tuple[HeldChange, list[TargetOp]]] = []
+            mapped: list[tuple[str, StoredChange, bytes, list[TargetOp]]] = []
             for ch, message in rows:
                 tm = mapper.table_mapper(ch.relation_id)
                 if tm is None:
                     continue
                 sink.prepare(tm, ch.relation_id)
-                ops = mapper.map(ch)
-                items.append((HeldChange(change_key(tm.target_table, ops), ch.position,
-                                         ch.relation_id, ch.op, message), ops))
+                mapped.append((tm.target_table, ch, message, mapper.map(ch)))
             faults.hit("before_apply")
-            blocked = held.blocked(hc.key for hc, _ in items)
+
+            # Keys are only worked out when something is held for this target at all: the
+            # common case pays one query per batch.
+            items = _held_items(mapped) if held.any_held() else None
+            blocked = held.blocked(hc.key for hc, _ in items) if items else set()
             bulk_ok = False
             if not blocked:
                 try:
-                    stats += sink.apply([op for _, ops in items for op in ops],
+                    stats += sink.apply([op for *_, ops in mapped for op in ops],
                                         through=batch.last, batch_id=batch.batch_id)
                     bulk_ok = True
                 except TerminalDeliveryError:
                     pass  # some change is refused for good: find it, change by change
             if not bulk_ok:
-                b_stats, b_held, b_dead = _apply_isolating(state, held, sink, items, blocked,
-                                                           batch)
+                b_stats, b_held, b_dead = _apply_isolating(
+                    state, held, sink, items if items is not None else _held_items(mapped),
+                    blocked, batch)
                 stats, n_held, n_dead = stats + b_stats, n_held + b_held, n_dead + b_dead
             faults.hit("after_apply")
             state.record_delivered(pipeline.name, target, batch.last, batch.batch_id)
@@ -153,6 +156,13 @@ def deliver(
                                  dead_letters=n_dead)
     finally:
         state.unlock(lock)
+
+
+def _held_items(mapped: list[tuple[str, StoredChange, bytes, list[TargetOp]]]
+                ) -> list[tuple[HeldChange, list[TargetOp]]]:
+    """Each mapped change as it would be held, keyed by its target table and key."""
+    return [(HeldChange(change_key(table, ops), ch.position, ch.relation_id, ch.op, message), ops)
+            for table, ch, message, ops in mapped]
 
 
 def _apply_isolating(
