@@ -24,12 +24,7 @@ from .support.pipelines import assert_tables_equal, execute
 ENGINE = Path(__file__).resolve().parent.parent / "sync_pipelines" / "engine"
 
 
-@pytest.fixture(autouse=True)
-def dagster_instance():
-    """A live Dagster instance for the whole test: loading definitions consults the current
-    instance's state storage, and one left over from an earlier test would be gone."""
-    with dg.instance_for_test() as instance:
-        yield instance
+pytestmark = pytest.mark.usefixtures("dagster_instance")
 
 
 def write_spec(tmp_path: Path, monkeypatch, source_dsn, target_dsn, state_dsn, **policy) -> Path:

@@ -18,13 +18,7 @@ from sync_pipelines.engine.spec import load_spec
 
 from .support.pipelines import execute
 
-
-@pytest.fixture(autouse=True)
-def dagster_instance():
-    """A live Dagster instance for the whole test: loading definitions consults the current
-    instance's state storage, and one left over from an earlier test would be gone."""
-    with dg.instance_for_test() as instance:
-        yield instance
+pytestmark = pytest.mark.usefixtures("dagster_instance")
 
 
 def write_spec(tmp_path, monkeypatch, source_dsn, state_dsn, base_url):
