@@ -198,24 +198,27 @@ class HeldStore:
     def hold(self, changes: Iterable[HeldChange], *, next_attempt_at: datetime | None = None,
              failure: Failure | None = None) -> None:
         """Add changes to ``held``; the first gets ``next_attempt_at``/``failure`` if given."""
-        first = True
-        for c in changes:
-            self.conn.execute(self._q(
+        rows = [
+            (*self._pt, c.key, c.position.commit_lsn, c.position.seq, c.relation_id, c.op,
+             c.message, c.attempts, next_attempt_at if i == 0 else None,
+             failure.status if i == 0 and failure else None,
+             failure.error if i == 0 and failure else None)
+            for i, c in enumerate(changes)
+        ]
+        # executemany pipelines the statements: an outage can park thousands per batch.
+        with self.conn.cursor() as cur:
+            cur.executemany(self._q(
                 "INSERT INTO {schema}.held (pipeline, target, key, commit_lsn, seq, relation_id, "
                 "op, message, attempts, next_attempt_at, last_status, last_error) VALUES "
-                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"),
-                (*self._pt, c.key, c.position.commit_lsn, c.position.seq, c.relation_id, c.op,
-                 c.message, c.attempts, next_attempt_at if first else None,
-                 failure.status if first and failure else None,
-                 failure.error if first and failure else None))
-            first = False
+                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"), rows)
 
     def release(self, positions: Iterable[Position]) -> None:
         """Remove delivered changes from ``held``."""
-        for p in positions:
-            self.conn.execute(self._q(
+        with self.conn.cursor() as cur:
+            cur.executemany(self._q(
                 "DELETE FROM {schema}.held WHERE pipeline = %s AND target = %s "
-                "AND commit_lsn = %s AND seq = %s"), (*self._pt, p.commit_lsn, p.seq))
+                "AND commit_lsn = %s AND seq = %s"),
+                [(*self._pt, p.commit_lsn, p.seq) for p in positions])
 
     def reschedule(self, key: str, head: Position, attempts: int, at: datetime,
                    failure: Failure) -> None:
