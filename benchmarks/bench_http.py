@@ -189,10 +189,12 @@ def deliver_main(config: dict[str, Any]) -> None:
 
         def timed_send(self: Any, changes: Any) -> Any:
             t = time.perf_counter()
+            out: list[Any] = []
             try:
-                return orig_send(self, changes)
+                out = orig_send(self, changes)  # changes may be a lazy iterator
+                return out
             finally:
-                sends.append((t, time.perf_counter(), len(changes)))
+                sends.append((t, time.perf_counter(), len(out)))
 
         HttpSink._attempt = timed_attempt  # type: ignore[method-assign]
         HttpSink.send = timed_send  # type: ignore[method-assign]

@@ -1,13 +1,17 @@
-"""HTTP sink: per-key ordering, parking, retries and error mapping of the HTTP/REST target.
+"""HTTP sink: per-key ordering, parking, retries, error mapping and the wire of the HTTP target.
 
-Unit tests of :mod:`sync_pipelines.engine.sinks.http` against ``httpx.MockTransport`` with
-async handlers (no sockets): per-key order with concurrency across keys, fair start order,
-parking behind a failed change while other keys flow, inline retry on 429/503 with
-``Retry-After`` (same idempotency key), Retry-After over the cap, the status → transient/terminal
-mapping (500, 422, 404 on DELETE and on PUT, timeouts, connection errors), request headers and
-JSON bodies, ``Endpoint`` parsing and path filling, ``idempotency_key`` stability. Then one
-integration test against a real uvicorn/starlette server on 127.0.0.1 (in a thread) checking
-that concurrency across keys pays off while per-key order holds.
+Every test talks to a real server on 127.0.0.1: :class:`HandlerServer`, an asyncio server in a
+thread (HTTP/1.1 parsed by h11, a different parser from the sink's) that turns each request into
+an ``httpx.Request`` for an async handler and writes back the ``httpx.Response`` it returns; a
+handler that raises :class:`Drop` makes the server close the connection without answering.
+Covered: per-key order with concurrency across keys, fair start order, parking behind a failed
+change while other keys flow, inline retry on 429/503 with ``Retry-After`` (same idempotency
+key), Retry-After over the cap, the status → transient/terminal mapping, timeouts, refused and
+dropped connections, a keep-alive connection the server closed being retried once on a fresh
+one, chunked and close-delimited response bodies, request headers and JSON bodies, base URL
+checks, ``Endpoint`` parsing and path filling, ``idempotency_key`` stability. Then an
+integration test against uvicorn/starlette checking that concurrency across keys pays off while
+per-key order holds and connections are reused.
 
 Not covered: the durable retry queue and the delivery ledger (the caller's job), the reference
 CRM service, TLS.
@@ -35,6 +39,7 @@ from decimal import Decimal
 from email.utils import format_datetime
 from typing import Any
 
+import h11
 import httpx
 import pytest
 
@@ -49,8 +54,122 @@ from sync_pipelines.engine.sinks.http import (
 )
 from sync_pipelines.engine.state import Position
 
-BASE = "http://crm.test"
 Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
+MakeSink = Callable[..., HttpSink]
+
+
+class Drop(Exception):
+    """Raised by a handler: the server closes the connection without answering."""
+
+
+class HandlerServer:
+    """A real HTTP/1.1 server on 127.0.0.1 running an async ``handler`` per request.
+
+    Runs its own event loop in a daemon thread, so handlers may ``await asyncio.sleep`` while
+    the sink (which has its own loop in the test's thread) keeps other requests in flight. Each
+    request the handler sees carries ``X-Test-Connection`` (a connection number) and
+    ``X-Test-Request-On-Connection`` (1 for the first request on that connection). A response
+    is sent with ``Content-Length`` unless the handler set ``Transfer-Encoding: chunked`` or
+    ``X-Test-Close-Delimited`` (body ended by closing the connection).
+    """
+
+    def __init__(self) -> None:
+        self.handler: Handler | None = None
+        self.connections = 0
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        assert ready.wait(10), "test server did not start"
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number, served = self.connections, 0
+        conn = h11.Connection(h11.SERVER)
+
+        async def next_event() -> Any:
+            while True:
+                event = conn.next_event()
+                if event is not h11.NEED_DATA:
+                    return event
+                conn.receive_data(await reader.read(65536))
+
+        try:
+            while True:
+                event = await next_event()
+                if not isinstance(event, h11.Request):
+                    return  # closed by the client (or a protocol error: nothing to answer)
+                head, body = event, b""
+                while not isinstance(event := await next_event(), h11.EndOfMessage):
+                    body += event.data
+                served += 1
+                request = httpx.Request(
+                    head.method.decode(), self.url + head.target.decode(),
+                    headers=[(k.decode(), v.decode("latin-1")) for k, v in head.headers]
+                    + [("X-Test-Connection", str(number)),
+                       ("X-Test-Request-On-Connection", str(served))],
+                    content=body)
+                assert self.handler is not None
+                try:
+                    response = await self.handler(request)
+                except Drop:
+                    writer.transport.abort()
+                    return
+                content = response.content
+                headers = [(k, v) for k, v in response.headers.items()
+                           if k.lower() not in ("content-length", "x-test-close-delimited")]
+                close_delimited = "x-test-close-delimited" in response.headers
+                if not close_delimited and "transfer-encoding" not in response.headers:
+                    headers.append(("Content-Length", str(len(content))))
+                if close_delimited:  # h11 refuses to write this framing: do it by hand
+                    writer.write(f"HTTP/1.1 {response.status_code} X\r\n".encode()
+                                 + "".join(f"{k}: {v}\r\n" for k, v in headers).encode()
+                                 + b"\r\n" + content)
+                    await writer.drain()
+                    return
+                writer.write(conn.send(h11.Response(status_code=response.status_code,
+                                                    headers=headers)))
+                if content:
+                    if "transfer-encoding" in response.headers:  # two chunks
+                        half = len(content) // 2
+                        writer.write(conn.send(h11.Data(data=content[:half])))
+                        writer.write(conn.send(h11.Data(data=content[half:])))
+                    else:
+                        writer.write(conn.send(h11.Data(data=content)))
+                writer.write(conn.send(h11.EndOfMessage()))
+                await writer.drain()
+                if conn.our_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except (ConnectionError, h11.RemoteProtocolError):
+            return
+        finally:
+            writer.close()
+
+    async def _shutdown(self) -> None:
+        self.server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
 
 
 def change(n: int, key: str, *, method: str = "PUT", body: dict[str, Any] | None = None,
@@ -63,8 +182,22 @@ def change(n: int, key: str, *, method: str = "PUT", body: dict[str, Any] | None
                       idempotency_key("crm", "api", pos))
 
 
-def sink(handler: Handler, **kw: Any) -> HttpSink:
-    return HttpSink(BASE, transport=httpx.MockTransport(handler), **kw)
+@pytest.fixture(scope="module")
+def handler_server() -> Iterator[HandlerServer]:
+    server = HandlerServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sink(handler_server: HandlerServer) -> MakeSink:
+    """``sink(handler, **kw)``: an HttpSink to the test server, which runs ``handler``."""
+
+    def make(handler: Handler, **kw: Any) -> HttpSink:
+        handler_server.handler = handler
+        return HttpSink(handler_server.url, **kw)
+
+    return make
 
 
 def key_of(request: httpx.Request) -> str:
@@ -122,7 +255,7 @@ def expected_order(changes: list[HttpChange]) -> dict[str, list[int]]:
 # -- ordering and concurrency ----------------------------------------------------------------
 
 
-def test_per_key_order_with_concurrency_across_keys() -> None:
+def test_per_key_order_with_concurrency_across_keys(sink: MakeSink) -> None:
     rng = random.Random(1)
     rec = Recorder(latency=lambda: rng.uniform(0, 0.004))
     changes = interleaved(n_keys=20, per_key=10)
@@ -135,7 +268,7 @@ def test_per_key_order_with_concurrency_across_keys() -> None:
     assert rec.order() == expected_order(changes)
 
 
-def test_chains_start_in_order_of_their_first_change() -> None:
+def test_chains_start_in_order_of_their_first_change(sink: MakeSink) -> None:
     rec = Recorder()
     keys = ["c", "a", "c", "b", "a", "d"]
     changes = [change(n, k) for n, k in enumerate(keys)]
@@ -145,7 +278,7 @@ def test_chains_start_in_order_of_their_first_change() -> None:
     assert [key_of(r) for r in rec.arrivals] == ["c", "a", "b", "d", "c", "a"]
 
 
-def test_sink_is_reused_across_calls_and_closes() -> None:
+def test_sink_is_reused_across_calls_and_closes(sink: MakeSink) -> None:
     rec = Recorder()
     s = sink(rec)
     assert s.send([]) == []
@@ -157,7 +290,7 @@ def test_sink_is_reused_across_calls_and_closes() -> None:
         s.send([change(2, "a")])
 
 
-def test_send_refuses_a_running_event_loop() -> None:
+def test_send_refuses_a_running_event_loop(sink: MakeSink) -> None:
     async def inside() -> None:
         with sink(Recorder()) as s:
             s.send([change(0, "a")])
@@ -183,7 +316,8 @@ def respond_by_n(statuses: dict[int, httpx.Response]) -> Callable[[httpx.Request
         (500, True),  # the head may succeed later: the rest of the key waits for the retry
     ],
 )
-def test_failure_parks_the_rest_of_its_key_and_others_flow(status: int, transient: bool) -> None:
+def test_failure_parks_the_rest_of_its_key_and_others_flow(
+        status: int, transient: bool, sink: MakeSink) -> None:
     keys = ["a", "b", "a", "b", "a", "c", "a"]
     changes = [change(n, k) for n, k in enumerate(keys)]
     rec = Recorder(respond=respond_by_n({2: httpx.Response(status, text="no")}))
@@ -201,7 +335,8 @@ def test_failure_parks_the_rest_of_its_key_and_others_flow(status: int, transien
     assert sorted(json.loads(r.content)["n"] for r in rec.arrivals) == [0, 1, 2, 3, 5]
 
 
-def test_429_with_retry_after_is_retried_inline_with_the_same_idempotency_key() -> None:
+def test_429_with_retry_after_is_retried_inline_with_the_same_idempotency_key(
+        sink: MakeSink) -> None:
     calls: list[tuple[float, str]] = []
 
     async def handler(request: httpx.Request) -> httpx.Response:
@@ -218,7 +353,7 @@ def test_429_with_retry_after_is_retried_inline_with_the_same_idempotency_key() 
     assert calls[0][1] == calls[1][1] == "crm:api:0000000000001000:7"
 
 
-def test_inline_wait_holds_only_its_own_key() -> None:
+def test_inline_wait_holds_only_its_own_key(sink: MakeSink) -> None:
     seen: list[tuple[str, float]] = []
     t0 = time.monotonic()
 
@@ -236,7 +371,7 @@ def test_inline_wait_holds_only_its_own_key() -> None:
     assert max(t for k, t in seen if k == "b") < 0.2
 
 
-def test_inline_retries_are_bounded() -> None:
+def test_inline_retries_are_bounded(sink: MakeSink) -> None:
     attempts = 0
 
     async def handler(request: httpx.Request) -> httpx.Response:
@@ -250,7 +385,7 @@ def test_inline_retries_are_bounded() -> None:
     assert (out.ok, out.transient, out.status, out.retry_after_s) == (False, True, 429, 0.0)
 
 
-def test_retry_after_over_the_cap_is_returned_to_the_caller() -> None:
+def test_retry_after_over_the_cap_is_returned_to_the_caller(sink: MakeSink) -> None:
     attempts = 0
 
     async def handler(request: httpx.Request) -> httpx.Response:
@@ -287,7 +422,8 @@ STATUS_CASES = [
 
 @pytest.mark.parametrize(("method", "status", "ok", "transient", "retry_after"), STATUS_CASES)
 def test_status_mapping(method: str, status: int, ok: bool, transient: bool,
-                        retry_after: float | None) -> None:
+                        retry_after: float | None,
+        sink: MakeSink) -> None:
     async def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(status, text="body")
 
@@ -298,7 +434,7 @@ def test_status_mapping(method: str, status: int, ok: bool, transient: bool,
     assert out.error is None if ok else out.error == f"HTTP {status}: body"
 
 
-def test_422_error_keeps_the_first_500_characters_of_the_body() -> None:
+def test_422_error_keeps_the_first_500_characters_of_the_body(sink: MakeSink) -> None:
     body = "x" * 400 + "é" * 400 + "TAIL"
 
     async def handler(request: httpx.Request) -> httpx.Response:
@@ -310,32 +446,81 @@ def test_422_error_keeps_the_first_500_characters_of_the_body() -> None:
     assert out.error == "HTTP 422: " + body[:500]
 
 
-@pytest.mark.parametrize(
-    ("exc", "expected"),
-    [
-        (httpx.ReadTimeout("read timed out"), "timeout after 10.0s (ReadTimeout)"),
-        (httpx.ConnectTimeout("connect timed out"), "timeout after 10.0s (ConnectTimeout)"),
-        (httpx.ConnectError("[Errno 111] Connection refused"),
-         "connection error: ConnectError: [Errno 111] Connection refused"),
-        (httpx.RemoteProtocolError("Server disconnected"),
-         "connection error: RemoteProtocolError: Server disconnected"),
-    ],
-)
-def test_no_response_is_transient(exc: Exception, expected: str) -> None:
+def test_a_dropped_connection_is_transient(sink: MakeSink) -> None:
     async def handler(request: httpx.Request) -> httpx.Response:
-        raise exc
+        raise Drop  # the server closes the connection without answering
 
     with sink(handler) as s:
         out = s.send([change(0, "a"), change(1, "a"), change(2, "b", method="DELETE")])
-    assert (out[0].ok, out[0].transient, out[0].status, out[0].error) == (
-        False, True, None, expected)
+    assert (out[0].ok, out[0].transient, out[0].status) == (False, True, None)
+    assert out[0].error == "connection error: server closed the connection before answering"
     assert out[1].parked and out[1].transient
     assert not out[2].parked and out[2].transient
 
 
-def test_a_hanging_server_hits_the_deadline() -> None:
+def test_a_kept_alive_connection_closed_by_the_server_is_retried_once_on_a_fresh_one(
+        sink: MakeSink) -> None:
+    seen: list[tuple[str, str, str]] = []
+
     async def handler(request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(5)  # the mock transport enforces no timeouts; the sink's deadline does
+        seen.append((request.headers["X-Test-Connection"],
+                     request.headers["X-Test-Request-On-Connection"],
+                     request.headers["Idempotency-Key"]))
+        if request.headers["X-Test-Request-On-Connection"] == "2":
+            raise Drop  # as a server does when its keep-alive timeout ends as a request comes
+        return httpx.Response(200)
+
+    with sink(handler, concurrency=1) as s:
+        assert [o.ok for o in s.send([change(0, "a")])] == [True]
+        [again] = s.send([change(1, "a")])
+    assert again.ok, again.error
+    (c1, n1, _), (c2, n2, k2), (c3, n3, k3) = seen
+    assert (n1, c2, n2) == ("1", c1, "2")  # the second request went on the kept connection…
+    assert (c3, n3) != (c1, "3") and n3 == "1" and k3 == k2  # …and again on a new one, same key
+
+
+def test_a_failure_on_a_fresh_connection_is_not_retried(sink: MakeSink) -> None:
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        raise Drop
+
+    with sink(handler, concurrency=1) as s:
+        [out] = s.send([change(0, "a")])
+    assert not out.ok and calls == 1
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close-delimited"])
+def test_error_bodies_are_read_whatever_their_framing(framing: str, sink: MakeSink) -> None:
+    header = ("Transfer-Encoding", "chunked") if framing == "chunked" else (
+        "X-Test-Close-Delimited", "1")
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        n = json.loads(request.content)["n"]
+        return httpx.Response(422 if n == 1 else 200, headers=[header],
+                              content=b"bad field: email " * 3 if n == 1 else b"{}")
+
+    with sink(handler, concurrency=1) as s:
+        out = s.send([change(0, "a"), change(1, "b"), change(2, "c")])
+    assert [o.ok for o in out] == [True, False, True]
+    assert out[1].error == "HTTP 422: " + ("bad field: email " * 3).strip()
+
+
+def test_a_huge_response_body_is_cut_and_the_connection_dropped(sink: MakeSink) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, content=b"x" * (1024 * 1024))
+
+    with sink(handler) as s:
+        [out] = s.send([change(0, "a")])
+    assert (out.ok, out.transient, out.status) == (False, True, 500)
+    assert out.error == "HTTP 500: " + "x" * 500
+
+
+def test_a_hanging_server_hits_the_deadline(sink: MakeSink) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
         return httpx.Response(200)
 
     t0 = time.monotonic()
@@ -353,13 +538,14 @@ def test_a_refused_connection_is_transient() -> None:
     with HttpSink(f"http://127.0.0.1:{port}", timeout_s=2) as s:
         [out] = s.send([change(0, "a")])
     assert (out.ok, out.transient, out.status) == (False, True, None)
-    assert out.error is not None and out.error.startswith("connection error: ConnectError")
+    assert out.error is not None and out.error.startswith(
+        f"connection error: cannot connect to 127.0.0.1:{port}")
 
 
 # -- requests --------------------------------------------------------------------------------
 
 
-def test_requests_carry_headers_auth_body_and_idempotency_key() -> None:
+def test_requests_carry_headers_auth_body_and_idempotency_key(sink: MakeSink) -> None:
     seen: list[httpx.Request] = []
 
     async def handler(request: httpx.Request) -> httpx.Response:
@@ -374,7 +560,7 @@ def test_requests_carry_headers_auth_body_and_idempotency_key() -> None:
         s.send([ch, change(2, "b", method="DELETE")])
         assert "s3cret" not in repr(s)
     put, delete = seen
-    assert put.url == "http://crm.test/contacts/a%2F1"
+    assert put.url.raw_path == b"/contacts/a%2F1"
     assert put.headers["X-Request-Id"] == "k-1"
     assert put.headers["X-Tenant"] == "acme"
     assert put.headers["Authorization"] == httpx.BasicAuth("user", "s3cret")._auth_header
@@ -386,7 +572,7 @@ def test_requests_carry_headers_auth_body_and_idempotency_key() -> None:
     assert delete.headers["X-Request-Id"] == "crm:api:0000000000001000:2"
 
 
-def test_a_body_that_cannot_be_encoded_is_terminal_and_not_sent() -> None:
+def test_a_body_that_cannot_be_encoded_is_terminal_and_not_sent(sink: MakeSink) -> None:
     rec = Recorder()
     bad = HttpChange((1, 0), ("crm.contacts", "a"), "PUT", "/contacts/a", {"v": b"\x00"}, "k")
     with sink(rec) as s:
@@ -396,10 +582,44 @@ def test_a_body_that_cannot_be_encoded_is_terminal_and_not_sent() -> None:
     assert out[1].parked and rec.arrivals == []
 
 
-def test_base_url_credentials_are_not_shown() -> None:
+def test_base_url_credentials_become_basic_auth_and_are_not_shown(
+        handler_server: HandlerServer, sink: MakeSink) -> None:
     s = HttpSink("https://user:pw@crm.example/api/")
-    assert "pw" not in repr(s)
+    assert "pw" not in repr(s) and "crm.example/api" in repr(s)
     s.close()
+    seen: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204)
+
+    sink(handler).close()  # installs the handler
+    url = handler_server.url.replace("http://", "http://us%40er:p%3Aw@") + "/api/v2/"
+    with HttpSink(url) as s:
+        assert s.send([change(0, "a")])[0].ok
+    assert seen[0].url.raw_path == b"/api/v2/contacts/a"  # the base path is kept
+    assert seen[0].headers["Authorization"] == httpx.BasicAuth("us@er", "p:w")._auth_header
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://crm.example", "must start with http:// or https://"),
+        ("crm.example/api", "must start with http:// or https://"),
+        ("http:///contacts", "has no host"),
+        ("http://crm.example:99999", "not a URL"),
+        ("http://crm.example/api?key=1", "must not have a query"),
+    ],
+)
+def test_unusable_base_urls_are_refused(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        HttpSink(url)
+
+
+@pytest.mark.parametrize("headers", [{"X-Bad": "a\r\nInjected: 1"}, {"Bad Name": "v"}])
+def test_header_injection_is_refused(headers: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="header"):
+        HttpSink("http://127.0.0.1:1", headers=headers)
 
 
 # -- Endpoint, idempotency key, Retry-After ------------------------------------------------------
@@ -614,11 +834,11 @@ def _workload(n: int, n_keys: int, hot_share: float, hot_keys: int, seed: int = 
     return out
 
 
-def _bench_one(label: str, url: str, transport: httpx.AsyncBaseTransport | None,
-               changes: list[HttpChange], concurrency: int, latency: float) -> None:
+def _bench_one(label: str, url: str, changes: list[HttpChange], concurrency: int,
+               latency: float) -> None:
     chain = max(Counter(c.key for c in changes).values())
     bound = max(len(changes) * latency / concurrency, chain * latency)
-    with HttpSink(url, concurrency=concurrency, transport=transport) as s:
+    with HttpSink(url, concurrency=concurrency) as s:
         s.send([change(0, "warmup")])
         t0, cpu0 = time.perf_counter(), time.process_time()
         out = s.send(changes)
@@ -638,16 +858,9 @@ def main() -> None:
         ("80% on 10 of 10,000 keys", _workload(n, 10_000, 0.8, 10)),
     ]
 
-    async def slow(request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(latency)
-        return httpx.Response(200)
-
     print(f"{n} changes, concurrency {concurrency}, server latency {latency * 1000:.0f} ms: "
           f"Little's law {concurrency / latency:.0f}/s; bound = max(n·latency/concurrency, "
           "longest chain·latency)")
-    for label, changes in cases:
-        _bench_one(f"mock, {label}", BASE, httpx.MockTransport(slow), changes,
-                   concurrency, latency)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -665,7 +878,7 @@ def main() -> None:
             except httpx.TransportError:
                 time.sleep(0.05)
         for label, changes in cases:
-            _bench_one(f"uvicorn, {label}", url, None, changes, concurrency, latency)
+            _bench_one(f"uvicorn, {label}", url, changes, concurrency, latency)
     finally:
         proc.terminate()
         proc.wait(10)

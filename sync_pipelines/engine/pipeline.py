@@ -58,9 +58,13 @@ def open_http_sink(pipeline: PipelineSpec, target: str) -> HttpSink:
     elif a.basic_user_env and a.basic_password_env:
         auth = (DsnRef(dsn_env=a.basic_user_env).resolve(f"{what} user"),
                 DsnRef(dsn_env=a.basic_password_env).resolve(f"{what} password"))
-    return HttpSink(tspec.base_url(f"{what} base URL"), headers=headers, auth=auth,
-                    idempotency_header=tspec.idempotency_header,
-                    concurrency=tspec.concurrency, timeout_s=tspec.timeout_seconds)
+    base_url = tspec.base_url(f"{what} base URL")
+    try:
+        return HttpSink(base_url, headers=headers, auth=auth,
+                        idempotency_header=tspec.idempotency_header,
+                        concurrency=tspec.concurrency, timeout_s=tspec.timeout_seconds)
+    except ValueError as err:  # the message never carries the URL's credentials or headers' values
+        raise SpecError(f"{what} (base URL from ${tspec.base_url_env}): {err}") from None
 
 
 def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS) -> PullReport:

@@ -41,35 +41,44 @@ A sink is used from one thread at a time (calls are serialised by a lock); it ke
 event loop and its connections (keep-alive) across calls until :meth:`~HttpSink.close`.
 
 Throughput is bounded by Little's law, ``concurrency / latency``, and by the longest key chain
-(``chain length × latency``); on a 2-core machine the client's own CPU (httpx, about 1 ms per
-request over a real socket) caps one sink near 1,000 requests/s. Install ``sniffio``: without
-it httpcore retries a failed import on every request (encode/httpcore#1103), ~25% more CPU.
+(``chain length × latency``), and by the client's own CPU: requests are written and parsed by
+:mod:`.http_wire` (about 0.1 ms of CPU each) because httpx costs about 1 ms per request, which
+capped a sink near 1,000 requests/s on a 2-core machine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import email.utils
 import json
 import logging
 import re
+import ssl
 import string
 import sys
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 from urllib.parse import quote
 
-import httpx
-
 from ..mapping import Delete, TargetOp, Upsert
 from ..pgoutput import format_lsn
+from .http_wire import (
+    Connection,
+    Origin,
+    Response,
+    WireError,
+    check_header,
+    header_block,
+    request_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +88,10 @@ METHODS = ("PUT", "POST", "PATCH", "DELETE")
 ERROR_BODY_CHARS = 500
 """Characters of a response body kept in an outcome's error."""
 
+USER_AGENT = "sync-pipelines"
+
 _BODY_CAP = 64 * 1024  # bytes of a response read; a bigger body is abandoned (connection closed)
+_FEED_STEP = 32  # changes taken from the caller's iterator between two turns of the loop
 _KEEP = 4 * ERROR_BODY_CHARS  # bytes kept in memory for the error excerpt (utf-8 ≤ 4 per char)
 _ENDPOINT = re.compile(r"^\s*([A-Za-z]+)\s+(/\S*)\s*$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -347,12 +359,10 @@ class _Lanes:
 class HttpSink:
     """Sends :class:`HttpChange` requests to one API; see the module docstring for the rules.
 
-    Connections: ``concurrency`` lanes, each an ``httpx.AsyncClient`` limited to one kept-alive
-    connection and used by one request at a time, created on first use and kept across calls.
-    (One shared client with ``max_connections=concurrency`` burns CPU in httpcore's pool: it
-    hands one idle connection to every queued request, all but one of which spin on
-    ``ConnectionNotAvailable``; measured 3–4x fewer requests per second at concurrency 64.)
-    With a ``transport`` given (tests), all lanes share one client over it.
+    Connections: ``concurrency`` lanes, each one kept-alive HTTP/1.1 connection
+    (:mod:`.http_wire`) used by one request at a time, opened on first use and kept across
+    calls. A request that finds its reused connection already closed by the server (no byte of
+    an answer) is sent once more on a fresh connection, with the same idempotency key.
     """
 
     def __init__(
@@ -360,13 +370,12 @@ class HttpSink:
         base_url: str,
         *,
         headers: Mapping[str, str] | None = None,
-        auth: httpx.Auth | tuple[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
         idempotency_header: str = "Idempotency-Key",
         concurrency: int = 16,
         timeout_s: float = 10.0,
         max_retry_after_s: float = 30.0,
         max_inline_retries: int = 3,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -379,30 +388,36 @@ class HttpSink:
         self.max_retry_after_s = float(max_retry_after_s)
         self.max_inline_retries = max_inline_retries
         self.idempotency_header = idempotency_header
-        url = httpx.URL(base_url)
-        self._shown_url = str(url.copy_with(userinfo=b"")) if url.userinfo else str(url)
-        self._client_args: dict[str, Any] = dict(
-            base_url=url,
-            headers=dict(headers or {}),
-            auth=httpx.BasicAuth(*auth) if isinstance(auth, tuple) else auth,
-            timeout=httpx.Timeout(self.timeout_s),
-            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-            follow_redirects=False,
-        )
-        self._transport = transport
+        self._origin = Origin.parse(base_url)
+        fixed = [("Host", self._origin.host_header), ("User-Agent", USER_AGENT),
+                 ("Accept", "application/json, */*")]
+        basic = auth or self._origin.userinfo
+        if basic is not None:
+            token = base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode("ascii")
+            fixed.append(("Authorization", f"Basic {token}"))
+        given = {k.lower() for k in (headers or {})}
+        fixed = [(k, v) for k, v in fixed if k.lower() not in given]  # the spec's headers win
+        fixed += list((headers or {}).items())
+        check_header(idempotency_header, "x")
+        self._fixed = header_block(fixed)
+        self._ssl: ssl.SSLContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._clients: list[httpx.AsyncClient | None] = [None] * concurrency
+        self._connections: list[Connection | None] = [None] * concurrency
         self._lanes: _Lanes | None = None
         self._lock = threading.Lock()
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"HttpSink({self._shown_url!r}, concurrency={self.concurrency})"
+        return f"HttpSink({self._origin.shown()!r}, concurrency={self.concurrency})"
 
     # -- public, synchronous -----------------------------------------------------------------
 
-    def send(self, changes: Sequence[HttpChange]) -> list[HttpOutcome]:
-        """Send ``changes`` (in stream order); one outcome per change, in the same order."""
+    def send(self, changes: Iterable[HttpChange]) -> list[HttpOutcome]:
+        """Send ``changes`` (in stream order); one outcome per change, in the same order.
+
+        ``changes`` may be a lazy iterator: it is consumed inside the sink's event loop, a few
+        dozen at a time, while earlier requests are in flight, so building requests (decoding,
+        mapping) overlaps with waiting for the API. It must not block for long."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -413,8 +428,6 @@ class HttpSink:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"{self!r} is closed")
-            if not changes:
-                return []
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
             task = self._loop.create_task(self._send(changes))
@@ -437,13 +450,14 @@ class HttpSink:
                 return
             self._closed = True
             loop, self._loop = self._loop, None
-            clients = {id(c): c for c in self._clients if c is not None}
-            self._clients = []
+            for conn in self._connections:
+                if conn is not None:
+                    conn.close()
+            self._connections = []
             if loop is None:
                 return
             try:
-                for client in clients.values():
-                    loop.run_until_complete(client.aclose())
+                loop.run_until_complete(asyncio.sleep(0))  # let the transports finish closing
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 loop.close()
@@ -456,32 +470,59 @@ class HttpSink:
 
     # -- inside the loop ---------------------------------------------------------------------
 
-    def _client(self, lane: int) -> httpx.AsyncClient:
-        client = self._clients[lane]
-        if client is None:
-            if self._transport is not None:
-                client = next((c for c in self._clients if c is not None), None)
-                client = client or httpx.AsyncClient(transport=self._transport,
-                                                     **self._client_args)
-            else:
-                if "verify" not in self._client_args:  # one CA bundle load, not one per lane
-                    self._client_args["verify"] = httpx.create_ssl_context()
-                client = httpx.AsyncClient(**self._client_args)
-            self._clients[lane] = client
-        return client
-
-    async def _send(self, changes: Sequence[HttpChange]) -> list[HttpOutcome]:
+    async def _send(self, changes: Iterable[HttpChange]) -> list[HttpOutcome]:
+        """Feed ``changes`` into per-key chains as they come: sending starts with the first
+        ones while the caller's iterator is still building the rest (see :meth:`send`)."""
         if self._lanes is None:
             self._lanes = _Lanes(self.concurrency)
-        chains: dict[tuple[Any, ...], list[int]] = {}
-        for i, ch in enumerate(changes):
-            chains.setdefault(ch.key, []).append(i)
-        out: list[HttpOutcome | None] = [None] * len(changes)
-        # Created in order of each key's first change; asyncio starts them in that order and the
-        # lanes serve waiters first come, first served.
-        tasks = [asyncio.ensure_future(self._chain(changes, idx, out, self._lanes))
-                 for idx in chains.values()]
+        lanes = self._lanes
+        given: list[HttpChange] = []
+        out: list[HttpOutcome | None] = []
+        chains: dict[tuple[Any, ...], deque[int]] = {}  # keys with a chain task running
+        failed: dict[tuple[Any, ...], HttpOutcome] = {}  # key → its failed head, this call
+
+        def park(i: int, head: HttpOutcome) -> None:
+            out[i] = HttpOutcome(given[i], None, False, head.transient, None,
+                                 f"parked behind {format_position(head.change.position)}",
+                                 parked=True)
+
+        async def chain(key: tuple[Any, ...], queue: deque[int]) -> None:
+            # ``queue`` keeps its head until the head is answered, so the feeder appends behind
+            # it; the task ends (and leaves ``chains``) only when the queue is empty, without an
+            # await in between, so a later change of the key starts a new chain after this one.
+            try:
+                while queue:
+                    i = queue[0]
+                    outcome = await self._deliver(given[i], lanes)
+                    out[i] = outcome
+                    queue.popleft()
+                    if not outcome.ok:
+                        failed[key] = outcome
+                        for j in queue:
+                            park(j, outcome)
+                        queue.clear()
+            finally:
+                if chains.get(key) is queue:
+                    del chains[key]
+
+        tasks: list[asyncio.Task[None]] = []
         try:
+            for i, ch in enumerate(changes):
+                given.append(ch)
+                out.append(None)
+                head = failed.get(ch.key)
+                if head is not None:
+                    park(i, head)
+                elif ch.key in chains:
+                    chains[ch.key].append(i)
+                else:
+                    # Chains start in order of their key's first change; asyncio runs new tasks
+                    # in creation order and the lanes serve waiters first come, first served.
+                    queue = deque((i,))
+                    chains[ch.key] = queue
+                    tasks.append(asyncio.ensure_future(chain(ch.key, queue)))
+                if i % _FEED_STEP == _FEED_STEP - 1:
+                    await asyncio.sleep(0)  # let answers in while the iterator builds more
             await asyncio.gather(*tasks)
         except BaseException:
             for t in tasks:
@@ -491,33 +532,33 @@ class HttpSink:
         assert all(o is not None for o in out)
         return cast("list[HttpOutcome]", out)
 
-    async def _chain(self, changes: Sequence[HttpChange], idx: list[int],
-                     out: list[HttpOutcome | None], lanes: _Lanes) -> None:
-        for n, i in enumerate(idx):
-            outcome = await self._deliver(changes[i], lanes)
-            out[i] = outcome
-            if not outcome.ok:
-                note = f"parked behind {format_position(changes[i].position)}"
-                for j in idx[n + 1:]:
-                    out[j] = HttpOutcome(changes[j], None, False, outcome.transient, None, note,
-                                         parked=True)
-                return
-
-    async def _deliver(self, change: HttpChange, lanes: _Lanes) -> HttpOutcome:
-        headers = {self.idempotency_header: change.idempotency_key}
-        content: bytes | None = None
+    def _request(self, change: HttpChange) -> bytes | str:
+        """The request's bytes, built once and re-sent as they are by inline retries; or why it
+        cannot be built (a terminal outcome: no attempt would do better)."""
+        body = None
+        extra = f"{self.idempotency_header}: {change.idempotency_key}\r\n"
         if change.body is not None:
             try:
-                content = encode_body(change.body)
+                body = encode_body(change.body)
             except (TypeError, ValueError) as err:
-                return HttpOutcome(change, None, False, False, None,
-                                   f"body is not JSON serializable: {err}")
-            headers["Content-Type"] = "application/json"
+                return f"body is not JSON serializable: {err}"
+            extra += "Content-Type: application/json\r\n"
+        try:
+            check_header(self.idempotency_header, change.idempotency_key)
+            return request_bytes(change.method, self._origin.base_path + change.path,
+                                 self._fixed, extra.encode("latin-1"), body)
+        except ValueError as err:
+            return f"request cannot be built: {err}"
+
+    async def _deliver(self, change: HttpChange, lanes: _Lanes) -> HttpOutcome:
+        request = self._request(change)
+        if isinstance(request, str):
+            return HttpOutcome(change, None, False, False, None, request)
         retries = 0
         while True:
             lane = await lanes.acquire()
             try:
-                outcome = await self._attempt(self._client(lane), change, content, headers)
+                outcome = await self._attempt(lane, change, request)
             finally:
                 lanes.release(lane)
             wait = outcome.retry_after_s
@@ -530,48 +571,45 @@ class HttpSink:
             retries += 1
             await asyncio.sleep(wait)  # only this key's chain waits; the lane is released
 
-    async def _attempt(self, client: httpx.AsyncClient, change: HttpChange,
-                       content: bytes | None, headers: dict[str, str]) -> HttpOutcome:
+    async def _attempt(self, lane: int, change: HttpChange, request: bytes) -> HttpOutcome:
         try:
-            status, retry_after, text = await _deadline(
-                _exchange(client, change, content, headers), self.timeout_s)
-        except (httpx.TimeoutException, asyncio.TimeoutError) as err:
-            kind = type(err).__name__ if isinstance(err, httpx.TimeoutException) else "deadline"
+            response = await _deadline(self._exchange(lane, request), self.timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
             return HttpOutcome(change, None, False, True, None,
-                               f"timeout after {self.timeout_s}s ({kind})")
-        except httpx.UnsupportedProtocol as err:
-            return HttpOutcome(change, None, False, False, None, f"bad URL: {_short(err)}")
-        except httpx.TransportError as err:  # connect, read, write, protocol, proxy errors
+                               f"timeout after {self.timeout_s}s")
+        except WireError as err:
             return HttpOutcome(change, None, False, True, None,
-                               f"connection error: {type(err).__name__}: {_short(err)}")
+                               f"connection error: {_short(err)}")
+        status = response.status
         if 200 <= status < 300 or (status == 404 and change.method == "DELETE"):
             return HttpOutcome(change, status, True, False, None, None)
         transient = status in (408, 429) or status >= 500
+        retry_after = parse_retry_after(response.retry_after) if status in (429, 503) else None
+        text = response.body.decode("utf-8", errors="replace").strip()[:ERROR_BODY_CHARS]
         return HttpOutcome(change, status, False, transient, retry_after,
                            f"HTTP {status}: {text}" if text else f"HTTP {status}")
 
-
-async def _exchange(client: httpx.AsyncClient, change: HttpChange, content: bytes | None,
-                    headers: dict[str, str]) -> tuple[int, float | None, str]:
-    """One request; returns the status, ``Retry-After`` (429/503) and a body excerpt."""
-    async with client.stream(change.method, change.path, content=content,
-                             headers=headers) as resp:
-        kept = bytearray()
-        read = 0
-        try:
-            async for chunk in resp.aiter_bytes():
-                if len(kept) < _KEEP:
-                    kept += chunk[:_KEEP - len(kept)]
-                read += len(chunk)
-                if read > _BODY_CAP:
-                    break  # the connection is closed instead of drained
-        except httpx.DecodingError:
-            kept = bytearray(b"<undecodable body>")
-        status = resp.status_code
-        retry_after = (parse_retry_after(resp.headers.get("Retry-After"))
-                       if status in (429, 503) else None)
-    text = kept.decode("utf-8", errors="replace").strip()[:ERROR_BODY_CHARS]
-    return status, retry_after, text
+    async def _exchange(self, lane: int, request: bytes) -> Response:
+        """One request on the lane's connection (opened if needed); a reused connection the
+        server closed before answering gets one more try on a fresh connection."""
+        conn = self._connections[lane]
+        if conn is not None and not conn.reusable:
+            conn = None
+        for _ in range(2):
+            if conn is None:
+                if self._origin.scheme == "https" and self._ssl is None:
+                    self._ssl = ssl.create_default_context()  # one CA load, not one per lane
+                conn = await Connection.open(self._origin, self._ssl, keep=_KEEP,
+                                             body_cap=_BODY_CAP)
+                self._connections[lane] = conn
+            try:
+                return await conn.exchange(request)
+            except WireError as err:
+                self._connections[lane] = None
+                if not (err.unanswered and conn.exchanges > 0):
+                    raise
+                conn = None  # a stale keep-alive: the server closed it while idle
+        raise AssertionError("unreachable")
 
 
 def _short(err: BaseException) -> str:
