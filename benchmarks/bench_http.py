@@ -33,14 +33,16 @@ Workloads (``--changes`` N, default 10,000; ``--quick`` uses 2,000):
   together (seeded) into 100-change transactions.
 
 Bounds printed beside the measured rate: Little's law (``C / L``); per-key serialization, the
-hottest key's chain × ``L`` over the whole run and per batch (``deliver_http`` sends batch by
-batch, each ``HttpSink.send`` call waits for its last request); and a simulation of the
-engine's own schedule (one task per key chain, ``C`` lanes handed out first come first served,
-a barrier per batch, every request taking exactly ``L``, zero CPU).
+hottest key's chain × ``L`` over the whole run and per send window (``deliver_http`` sends
+consecutive staged batches together, up to ``WINDOW_CHANGES`` changes per ``HttpSink.send``
+call, and each call waits for its last request); and a simulation of the engine's own schedule
+(one task per key chain, ``C`` lanes handed out first come first served, a barrier per window,
+every request taking exactly ``L``, zero CPU).
 
 Client ceilings (skip with ``--skip-ceilings``): the same number of PUTs on distinct contacts,
-same latency and concurrency, without the engine, each in a fresh interpreter: httpx with 64
-one-connection clients as ``HttpSink`` builds them (on asyncio's loop and on uvloop), aiohttp
+same latency and concurrency, without the engine, each in a fresh interpreter: the sink's own
+client (``http_wire.Connection``, 64 lanes), httpx with 64 one-connection clients as
+``HttpSink`` built them before it had its own client (on asyncio's loop and on uvloop), aiohttp
 with one ``ClientSession`` and ``TCPConnector(limit=64)`` (optional: skipped with a note if
 aiohttp is not importable; it is not a project dependency), and a hand-written HTTP/1.1 client
 on asyncio streams. They separate the engine's cost from the HTTP client library's and show
@@ -93,6 +95,7 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout
 
 from machine import machine_info, peak_rss_kb  # noqa: E402  (benchmarks/machine.py)
 
+from sync_pipelines.engine.deliver_http import WINDOW_CHANGES  # noqa: E402
 from sync_pipelines.engine.spec import SyncSpec, parse_spec  # noqa: E402
 
 PIPELINE = "bench_http"
@@ -167,8 +170,8 @@ def deliver_main(config: dict[str, Any]) -> None:
 
     With ``instrument`` the sink is timed from outside: ``HttpSink._attempt`` (one request,
     inside the concurrency semaphore: its duration is the request latency as the engine sees
-    it, event-loop delays included) and ``HttpSink.send`` (one call per batch). The wrappers add
-    one coroutine frame per request and nothing to the engine's files.
+    it, event-loop delays included) and ``HttpSink.send`` (one call per send window). The
+    wrappers add one coroutine frame per request and nothing to the engine's files.
     """
     baseline_kb = peak_rss_kb()
     from sync_pipelines.engine.pipeline import deliver_pipeline
@@ -324,7 +327,8 @@ def layer(frames: list[str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 CEILINGS = {
-    "httpx": "httpx alone, 64 lanes like HttpSink (no engine)",
+    "wire": "the sink's own client (http_wire), 64 lanes",
+    "httpx": "httpx, 64 one-connection clients (sink before)",
     "httpx_uvloop": "  same, on uvloop instead of asyncio's loop",
     "aiohttp": "aiohttp, one ClientSession, TCPConnector(limit=64)",
     "raw": "raw asyncio streams, hand-written HTTP/1.1",
@@ -370,6 +374,30 @@ def ceiling_main(config: dict[str, Any]) -> None:
             lat.append(time.perf_counter() - t)
             statuses[resp.status] += 1
 
+    async def wire_lane() -> None:
+        from sync_pipelines.engine.sinks.http_wire import (
+            Connection,
+            Origin,
+            header_block,
+            request_bytes,
+        )
+
+        origin = Origin.parse(str(url))
+        fixed = header_block([("Host", origin.host_header)])
+        conn = await Connection.open(origin, None, keep=2000, body_cap=65536)
+        try:
+            while todo:
+                i = todo.popleft()
+                t = time.perf_counter()
+                extra = (f"Idempotency-Key: ceiling:{kind}:{i}\r\n"
+                         "Content-Type: application/json\r\n").encode()
+                resp = await conn.exchange(
+                    request_bytes("PUT", f"/contacts/{i}", fixed, extra, body(i)))
+                lat.append(time.perf_counter() - t)
+                statuses[resp.status] += 1
+        finally:
+            conn.close()
+
     async def raw_lane() -> None:
         reader, writer = await asyncio.open_connection(host, port)
         try:
@@ -393,9 +421,10 @@ def ceiling_main(config: dict[str, Any]) -> None:
             writer.close()
 
     async def run() -> float:
-        if kind == "raw":
+        if kind in ("raw", "wire"):
+            lane = raw_lane if kind == "raw" else wire_lane
             t = time.perf_counter()
-            await asyncio.gather(*(raw_lane() for _ in range(conc)))
+            await asyncio.gather(*(lane() for _ in range(conc)))
             return time.perf_counter() - t
         if kind == "aiohttp":
             import aiohttp
@@ -712,9 +741,9 @@ def staged_batches() -> list[dict[str, Any]]:
 
 def simulate_schedule(batches: list[list[int]], concurrency: int) -> int:
     """Rounds of ``L`` the engine's schedule needs with every request taking exactly ``L`` and
-    no CPU cost: per batch, one chain per key in order of first appearance, each chain's
-    requests queueing one at a time at a FIFO semaphore of ``concurrency``; batches in
-    sequence (``deliver_http`` waits for a batch's last request before the next batch).
+    no CPU cost: per send window, one chain per key in order of first appearance, each chain's
+    requests queueing one at a time at a FIFO semaphore of ``concurrency``; windows in
+    sequence (``deliver_http`` waits for a window's last request before the next one).
 
     With a fixed latency every request starts and ends on a multiple of ``L``, so the schedule
     is a sequence of rounds: the first ``concurrency`` waiters run; those with more work queue
@@ -743,11 +772,15 @@ def bounds(ops: list[tuple[str, int]], batch_sizes: list[int], concurrency: int,
     keys = [k for _, k in ops]
     chains = Counter(keys)
     hottest = chains.most_common(1)[0][1] if chains else 0
-    per_batch: list[list[int]] = []
-    at = 0
-    for size in batch_sizes:
+    per_batch: list[list[int]] = []  # per send window, grouped as deliver_http groups batches
+    at = size = 0
+    for b in batch_sizes:
+        if size and size + b > WINDOW_CHANGES:
+            per_batch.append(keys[at:at + size])
+            at, size = at + size, 0
+        size += b
+    if size:
         per_batch.append(keys[at:at + size])
-        at += size
     batch_rounds = [max(-(-len(b) // concurrency), max(Counter(b).values(), default=0))
                     for b in per_batch]
     batch_chain = [max(Counter(b).values(), default=0) for b in per_batch]
@@ -962,10 +995,10 @@ def report(res: dict[str, Any]) -> str:
          lambda r: f"{r['ratio_to_littles_law']:.2f}{goal(r)}")
     line("per-key bound: hottest chain × L (whole run)",
          lambda r: f"{r['bounds']['chain_s']:.2f} s → {r['bounds']['chain_per_s']:,.0f}/s")
-    line("per-batch bound Σ max(N_b/C, chain_b)·L",
+    line("per-window bound Σ max(N_w/C, chain_w)·L",
          lambda r: f"{r['bounds']['per_batch_bound_s']:.2f} s → "
          f"{r['bounds']['per_batch_bound_per_s']:,.0f}/s")
-    line("  hottest chain per batch", lambda r: ", ".join(
+    line("  hottest chain per send window", lambda r: ", ".join(
         str(x) for x in r["bounds"]["per_batch_max_chain"][:6])
         + (", …" if len(r["bounds"]["per_batch_max_chain"]) > 6 else ""))
     line("engine's schedule simulated (zero CPU)",
@@ -1039,14 +1072,12 @@ def report(res: dict[str, Any]) -> str:
           f"take at least {b['hottest_chain']} × {lat_ms:g} ms = {b['chain_s']:.2f} s whatever "
           f"the concurrency: ≤ {b['chain_per_s']:,.0f} changes/s over the whole run")
         w(f"        ({'below' if binding else 'above'} Little's {b['littles_law_per_s']:,.0f}/s"
-          f", so {'binding' if binding else 'not binding on its own'}). deliver_http also sends "
-          f"one staged batch at a time and waits for its last request:")
-        w(f"        per batch the hottest key has {min(chains)}–{max(chains)} changes "
-          f"({min(chains) * lat_ms / 1000:.2f}–{max(chains) * lat_ms / 1000:.2f} s) against "
-          f"{res['policy']['batch_size']:,}/{b['littles_law_per_s']:,.0f} = "
-          f"{res['policy']['batch_size'] / b['littles_law_per_s']:.3f} s of Little's work, and "
-          f"once fewer than {c} keys of a batch have work left, lanes idle.")
-        w(f"        The engine's schedule (FIFO lanes, batch barriers, fixed L, zero CPU) needs "
+          f", so {'binding' if binding else 'not binding on its own'}). deliver_http sends up "
+          f"to {WINDOW_CHANGES:,} staged changes per call and waits for the call's last request:")
+        w(f"        per window the hottest key has {min(chains)}–{max(chains)} changes "
+          f"({min(chains) * lat_ms / 1000:.2f}–{max(chains) * lat_ms / 1000:.2f} s), and "
+          f"once fewer than {c} keys of a window have work left, lanes idle.")
+        w(f"        The engine's schedule (FIFO lanes, window barriers, fixed L, zero CPU) needs "
           f"{b['simulated_rounds']} rounds = {b['simulated_s']:.2f} s: ≤ "
           f"{b['simulated_per_s']:,.0f}/s = {b['simulated_per_s'] / b['littles_law_per_s']:.2f}"
           f" of Little's law.")
