@@ -616,6 +616,29 @@ def test_unusable_base_urls_are_refused(url: str, message: str) -> None:
         HttpSink(url)
 
 
+def test_a_pipeline_with_an_unusable_base_url_fails_with_a_spec_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from sync_pipelines.engine.errors import SpecError
+    from sync_pipelines.engine.pipeline import open_http_sink
+    from sync_pipelines.engine.spec import parse_spec
+
+    spec = parse_spec({
+        "state": {"dsn_env": "UNUSED_STATE_DSN"},
+        "pipelines": {"crm": {
+            "source": {"dsn_env": "UNUSED_SOURCE_DSN"},
+            "tables": ["public.contacts"],
+            "targets": {"api": {"kind": "http", "base_url_env": "TEST_CRM_URL",
+                                "tables": {"public.contacts": {"upsert": "PUT /c/{id}"}}}},
+        }},
+    }, source="test")
+    monkeypatch.setenv("TEST_CRM_URL", "ftp://user:hunter2@crm.example/")
+    with pytest.raises(SpecError) as err:
+        open_http_sink(spec.pipelines["crm"], "api")
+    message = str(err.value)
+    assert "pipeline 'crm': target 'api'" in message and "$TEST_CRM_URL" in message
+    assert "http:// or https://" in message and "hunter2" not in message
+
+
 @pytest.mark.parametrize("headers", [{"X-Bad": "a\r\nInjected: 1"}, {"Bad Name": "v"}])
 def test_header_injection_is_refused(headers: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="header"):
