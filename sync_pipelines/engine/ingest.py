@@ -25,6 +25,10 @@ Invariants:
 * **Bounded memory.** Fewer than ``2 × batch_size`` changes are held at once, however large
   the transaction: a transaction is staged in ``batch_size`` chunks as it is read.
 
+Snapshot rows (initial backfill, repair) enter here too: at a snapshot chunk's high watermark
+the puller stages the chunk's rows, minus the keys changed between its two watermarks, at the
+watermark's position (see :mod:`.snapshots`).
+
 A crash at any point leaves either the slot unmoved (changes re-peeked and skipped) or the
 slot moved past changes that are staged.
 """
@@ -38,6 +42,7 @@ from . import pgoutput as po
 from .errors import SlotConflictError
 from .faults import NO_FAULTS, Faults
 from .pgoutput import format_lsn
+from .snapshots import SnapshotStore, parse_watermark
 from .source import Source
 from .spec import PipelineSpec
 from .state import BatchInfo, Position, StagedChange, StateStore
@@ -80,6 +85,7 @@ class _Puller:
 
     pipeline: PipelineSpec
     state: StateStore
+    snapshots: SnapshotStore
     staged: Position
     demand: int
     undelivered: int
@@ -122,11 +128,53 @@ class _Puller:
         elif isinstance(msg, po.Truncate):
             for rid in msg.relation_ids:
                 self._take(rid, "T", b"")
-        # Origin, Type and logical messages carry nothing to stage.
+        elif isinstance(msg, po.LogicalMessage) and msg.transactional:
+            self._watermark(msg)
+        # Origin, Type and other logical messages carry nothing to stage.
 
     def _take(self, relation_oid: int, op: str, data: bytes) -> None:
         if self.stopped:
             return
+        rid = self.relations.get(relation_oid)
+        if rid is None:
+            self.seq += 1  # a published table this pipeline does not sync
+            return
+        self._stage_one(rid, op, data)
+
+    def _watermark(self, msg: po.LogicalMessage) -> None:
+        mark = parse_watermark(self.pipeline.name, msg.prefix, msg.content)
+        if mark is None or self.stopped:
+            return
+        begin = self.begin
+        assert begin is not None, "watermarks are transactional"
+        chunk_id, kind = mark
+        if kind == "low":
+            self.snapshots.mark_low(self.pipeline.name, chunk_id, begin.final_lsn)
+            return
+        chunk = self.snapshots.chunk(self.pipeline.name, chunk_id)
+        if chunk is None:
+            return  # abandoned (read again by its worker) or not this pipeline's
+        self.flush()  # the conflicts are read from the mailbox: everything before must be in it
+        touched, truncated = self.snapshots.touched_keys(self.pipeline.name, chunk,
+                                                         begin.final_lsn)
+        names = [c.name for c in self.state.relation(chunk.relation_id).columns]
+        idx = [names.index(k) for k in chunk.key_names]
+        placed = 0
+        for data in () if truncated else chunk.messages:
+            row = po.decode_message(data)
+            assert isinstance(row, (po.Update, po.Delete))
+            values = row.new if isinstance(row, po.Update) else row.old
+            assert values is not None
+            if tuple(values[i] for i in idx) in touched:
+                continue  # changed between the marks: the live change decides
+            self._stage_one(chunk.relation_id, data[:1].decode(), data)
+            if self.stopped:
+                return  # the rest comes with the next pull, which meets this mark again
+            placed += 1
+        self.snapshots.mark_high(chunk_id, begin.final_lsn, placed,
+                                 len(chunk.messages) - placed)
+
+    def _stage_one(self, rid: int, op: str, data: bytes) -> None:
         begin = self.begin
         assert begin is not None, "change outside a transaction"
         seq = self.seq
@@ -135,9 +183,6 @@ class _Puller:
             begin.final_lsn == self.staged.commit_lsn and seq <= self.staged.seq
         ):
             return  # staged before a crash, or by an earlier pull of this transaction
-        rid = self.relations.get(relation_oid)
-        if rid is None:
-            return  # a published table this pipeline does not sync
         if self.taken >= self.demand and not self.giant:
             if self.taken_at_begin == 0 and self.undelivered == 0:
                 # A transaction larger than the whole budget, with nothing else held: take it
@@ -197,7 +242,8 @@ def pull(
                 duration_s=time.monotonic() - started,
             )
         flush_before = source.flush_lsn()
-        puller = _Puller(pipeline, state, st.staged, demand, undelivered, faults)
+        puller = _Puller(pipeline, state, SnapshotStore(state), st.staged, demand, undelivered,
+                         faults)
         rows = 0
         # `upto_nchanges` counts protocol rows, not changes: a one-change transaction is three
         # (BEGIN, change, COMMIT). Ask for enough rows to fill the demand; the puller itself

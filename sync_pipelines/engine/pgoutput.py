@@ -36,7 +36,7 @@ All integers are big-endian. ``String`` is NUL-terminated. LSNs are ``uint64``; 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Final
@@ -555,3 +555,28 @@ def parse_lsn(text: str) -> int:
 
 def _is_hex32(part: str) -> bool:
     return 0 < len(part) <= 8 and all(c in "0123456789abcdefABCDEF" for c in part)
+
+
+# -- encoding (for rows the engine itself places in the stream: backfill and repair) ---------
+
+
+def encode_tuple(values: Sequence[str | None]) -> bytes:
+    """TupleData of text values (``None`` → ``'n'``), the inverse of the decoder's reading."""
+    out = bytearray(_H16.pack(len(values)))
+    for v in values:
+        if v is None:
+            out += b"n"
+        else:
+            raw = v.encode()
+            out += b"t" + _I32.pack(len(raw)) + raw
+    return bytes(out)
+
+
+def encode_update(relation_id: int, values: Sequence[str | None]) -> bytes:
+    """An ``'U'`` message with only the new tuple: "the row now reads ``values``"."""
+    return b"U" + _I32.pack(relation_id) + b"N" + encode_tuple(values)
+
+
+def encode_delete(relation_id: int, values: Sequence[str | None]) -> bytes:
+    """A ``'D'`` message with a key tuple (``'K'``): non-key columns are ``None``."""
+    return b"D" + _I32.pack(relation_id) + b"K" + encode_tuple(values)

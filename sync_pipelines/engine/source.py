@@ -220,7 +220,7 @@ class Source:
                 cur.itersize = fetch_chunk
                 cur.execute(
                     "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
-                    "'proto_version', '1', 'publication_names', %s)",
+                    "'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
                     (slot, upto_nchanges, self.pipeline.publication),
                 )
                 yield (bytes(row[0]) for row in cur)

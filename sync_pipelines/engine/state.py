@@ -168,6 +168,43 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (pipeline, target, commit_lsn, seq, sub)
     );
     """,
+    # 3: snapshots (initial backfill, repair) read in key-ordered chunks and placed in the
+    # stream between watermarks; see snapshots.py.
+    """
+    CREATE TABLE {schema}.snapshot (
+        snapshot_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        pipeline     text NOT NULL,
+        table_name   text NOT NULL,
+        kind         text NOT NULL,
+        status       text NOT NULL DEFAULT 'running',
+        last_key     text[],
+        chunks       integer NOT NULL DEFAULT 0,
+        rows         bigint NOT NULL DEFAULT 0,
+        rows_estimate bigint,
+        started_at   timestamptz NOT NULL DEFAULT now(),
+        updated_at   timestamptz NOT NULL DEFAULT now(),
+        finished_at  timestamptz,
+        error        text
+    );
+    CREATE INDEX snapshot_by_table ON {schema}.snapshot (pipeline, table_name, kind, status);
+    CREATE TABLE {schema}.snapshot_chunk (
+        chunk_id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        snapshot_id  bigint NOT NULL,
+        pipeline     text NOT NULL,
+        relation_id  bigint NOT NULL,
+        key_names    text[] NOT NULL,
+        messages     bytea[],
+        low_lsn      bigint,
+        high_lsn     bigint,
+        placed       integer,
+        conflicts    integer,
+        emitted      boolean NOT NULL DEFAULT false,
+        abandoned    boolean NOT NULL DEFAULT false,
+        created_at   timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX snapshot_chunk_open ON {schema}.snapshot_chunk (pipeline, low_lsn)
+        WHERE NOT abandoned;
+    """,
 ]
 
 # Column order of a staged change row as written by COPY (after pipeline and batch_id).
@@ -518,6 +555,21 @@ class StateStore:
     def collect_garbage(self, pipeline: str, targets: Sequence[str]) -> int:
         """Drop batches and changes every target has delivered; returns changes removed."""
         floor = min((self.delivered(pipeline, t) for t in targets), default=START)
+        # A snapshot chunk whose high watermark the slot has not passed may be placed again
+        # (a re-peek): keep the changes after its low watermark, its conflicts come from them.
+        row = self.conn.execute(self._q(
+            "SELECT min(c.low_lsn) FROM {schema}.snapshot_chunk c JOIN {schema}.pipeline p "
+            "USING (pipeline) WHERE c.pipeline = %s AND NOT c.abandoned "
+            "AND c.low_lsn IS NOT NULL AND c.created_at > now() - interval '1 day' "
+            "AND (c.high_lsn IS NULL OR c.high_lsn >= coalesce(p.advanced_lsn, 0))"),
+            (pipeline,)).fetchone()
+        if row and row[0] is not None:
+            floor = min(floor, Position(int(row[0]), 2**31 - 1))
+        # Rows of chunks placed before the slot's position can never be placed again.
+        self.conn.execute(self._q(
+            "UPDATE {schema}.snapshot_chunk c SET messages = NULL FROM {schema}.pipeline p "
+            "WHERE c.pipeline = %s AND p.pipeline = c.pipeline AND c.messages IS NOT NULL "
+            "AND c.high_lsn < p.advanced_lsn"), (pipeline,))
         if floor == START:
             return 0
         with self.conn.transaction():
