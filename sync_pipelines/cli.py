@@ -4,8 +4,9 @@
 creates the Dagster storage, state, CRM source and reporting target databases, seeds the CRM,
 starts a live change generator and runs ``dagster dev`` with ``DAGSTER_HOME`` set, so run
 history persists between sessions. ``demo --smoke`` does the same setup, then runs a bounded
-round in process instead of the UI: one sensor tick and the delivery runs it requests, through
-the same Dagster instance, and exits 0 only if the target then matches the source.
+round in process instead of the UI: one sensor tick and the delivery runs it requests, then
+yesterday's reconciliation run, through the same Dagster instance, and exits 0 only if the
+targets then match the source and the reconciliation finds no drift.
 
 Killing the command stops the embedded server (its data directory stays for next time).
 """
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from sync_pipelines.crm_service.server import CrmServer
@@ -112,6 +114,22 @@ def smoke(spec_path: Path) -> int:
             print(f"{name}: target differs from source: {drift}")
             return 1
         print(f"{name}: target matches source after {runs} delivery run(s)")
+        # The end-of-day reconciliation, as its schedule would run it for yesterday.
+        yesterday = (datetime.now(timezone.utc) - timedelta(days=1)).strftime("%Y-%m-%d")
+        result = defs.resolve_job_def(f"{name}_reconcile_job").execute_in_process(
+            instance=instance, partition_key=yesterday, resources=resources,
+            raise_on_error=False)
+        mats = result.asset_materializations_for_node(f"sync__{name}__reconciliation")
+        if not result.success or not mats:
+            print(f"{name}: the reconciliation run failed")
+            return 1
+        md = mats[0].metadata
+        compared, total = md["rows_compared"].value, md["drift_total"].value
+        if total or md["not_compared"].value:
+            print(f"{name}: reconciliation found {total} drifted key(s), "
+                  f"{md['not_compared'].value} table(s) not compared")
+            return 1
+        print(f"{name}: reconciliation for {yesterday}: {compared} rows compared, no drift")
     return 0
 
 

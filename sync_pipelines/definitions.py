@@ -13,6 +13,7 @@ import dagster as dg
 
 from sync_pipelines.defs.failures import build_failure_defs
 from sync_pipelines.defs.pipelines import build_pipeline_defs
+from sync_pipelines.defs.reconcile import build_reconcile_defs
 from sync_pipelines.defs.resources import SyncEngine
 from sync_pipelines.engine.errors import SpecError
 from sync_pipelines.engine.spec import load_spec
@@ -27,6 +28,7 @@ def build_definitions(spec_path: str) -> dg.Definitions:
     return dg.Definitions.merge(
         *(build_pipeline_defs(p) for p in spec.pipelines.values()),
         *(build_failure_defs(p) for p in spec.pipelines.values()),
+        *(build_reconcile_defs(p) for p in spec.pipelines.values()),
         dg.Definitions(resources={"sync": SyncEngine(spec_path=spec_path)}),
     )
 

@@ -7,24 +7,34 @@ tests all go through them, so each exercises the same path:
 * :func:`deliver_pipeline` — one delivery run's work for every target (see :mod:`.deliver`),
   followed by clean-up of batches every target has applied;
 * :func:`stale_batch` — the oldest batch left undelivered for too long (a failed run), so the
-  sensor can ask for it again.
+  sensor can ask for it again;
+* :func:`sweep_pipeline`, :func:`resolve_dead_letters` — the retry schedule and the operator's
+  dead-letter actions;
+* :func:`backfill_pipeline`, :func:`tables_needing_backfill` — rows that existed before the
+  slot, read into the stream (see :mod:`.backfill`);
+* :func:`reconcile` — end-of-day drift check and repair (see :mod:`.reconciliation`).
 
 Connections are opened per call and closed on return, crash or not.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from .backfill import Progress, SnapshotReport, backfill_table
 from .deliver import DeliveryReport, SweepReport, deliver, sweep_postgres
 from .deliver_http import deliver_http, sweep_http
+from .drift import TableDrift
 from .errors import SpecError
 from .faults import NO_FAULTS, Faults
 from .held import HeldStore
 from .ingest import PullReport, pull
+from .reconciliation import CatchUp, ReconcileReport, reconcile_pipeline
 from .sinks.http import HttpSink
 from .sinks.postgres import PostgresSink
+from .snapshots import SnapshotStore
 from .source import Source
 from .spec import DsnRef, HttpTargetSpec, PipelineSpec, PostgresTargetSpec, SyncSpec
 from .state import BatchInfo, StateStore
@@ -184,3 +194,61 @@ def resolve_dead_letters(spec: SyncSpec, name: str, target: str, *, action: str,
         if action == "discard":
             return store.discard(reason=reason, ids=ids, key_like=key_like)
     raise SpecError(f"action must be 'redrive' or 'discard', not {action!r}")
+
+
+# -- backfill and reconciliation ---------------------------------------------------------------
+
+
+def _tables(pipeline: PipelineSpec, tables: Sequence[str] | None) -> list[str]:
+    if not tables:
+        return list(pipeline.tables)
+    unknown = [t for t in tables if t not in pipeline.tables]
+    if unknown:
+        raise SpecError(f"pipeline {pipeline.name!r} has no table(s) {', '.join(unknown)} "
+                        f"(tables: {', '.join(pipeline.tables)}; write them as schema.table)")
+    return list(tables)
+
+
+def tables_needing_backfill(spec: SyncSpec, name: str) -> list[str]:
+    """Tables of the pipeline that were never backfilled (no snapshot of kind backfill); none
+    before the first pull has created the slot (watermarks written earlier would be lost)."""
+    pipeline = spec.pipelines[name]
+    with open_state(spec) as state:
+        state.ensure_pipeline(name, pipeline.slot)
+        if state.pipeline_state(name).advanced_lsn is None:
+            return []
+        seen = {s.table for s in SnapshotStore(state).latest(name, kind="backfill")}
+    return [t for t in pipeline.tables if t not in seen]
+
+
+def backfill_pipeline(spec: SyncSpec, name: str, *, tables: Sequence[str] | None = None,
+                      restart: bool = False, on_chunk: Progress | None = None,
+                      faults: Faults = NO_FAULTS) -> list[SnapshotReport]:
+    """Backfill tables (default: all) through the stream, resuming unfinished ones."""
+    pipeline = spec.pipelines[name]
+    reports = []
+    with open_state(spec) as state:
+        state.ensure_pipeline(name, pipeline.slot)
+        for table in _tables(pipeline, tables):
+            reports.append(backfill_table(state, pipeline, table,
+                                          chunk_rows=pipeline.policy.snapshot_chunk,
+                                          resume=not restart, on_chunk=on_chunk,
+                                          faults=faults))
+    return reports
+
+
+def reconcile(spec: SyncSpec, name: str, *, tables: Sequence[str] | None = None,
+              targets: Sequence[str] | None = None, repair: bool = False,
+              catch_up: CatchUp | None = None,
+              on_table: Callable[[TableDrift], None] | None = None) -> ReconcileReport:
+    """Compare the pipeline's tables with its targets, confirm drift, optionally repair it."""
+    pipeline = spec.pipelines[name]
+    for t in targets or ():
+        if t not in pipeline.targets:
+            raise SpecError(f"pipeline {name!r} has no target {t!r} "
+                            f"(targets: {', '.join(pipeline.targets)})")
+    with open_state(spec) as state:
+        return reconcile_pipeline(
+            spec, name, state=state, tables=_tables(pipeline, tables), targets=targets,
+            repair=repair, confirm_timeout_s=pipeline.reconcile.confirm_timeout_seconds,
+            catch_up=catch_up, range_rows=pipeline.reconcile.range_rows, on_table=on_table)

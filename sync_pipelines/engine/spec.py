@@ -189,6 +189,29 @@ class HttpTableSpec(_Model):
         ):
             raise ValueError(f"{v!r} must look like 'PUT /contacts/{{id}}'")
         return v
+    list: str | None = None
+    """The API's paged list endpoint, e.g. ``GET /contacts``, read by reconciliation
+    (:mod:`~sync_pipelines.engine.reconcile_http`); without it the table is not compared.
+
+    Exactly one paging convention is supported (the one the reference CRM implements): each
+    request appends the query parameters ``limit`` (page size) and ``cursor`` (left out on the
+    first page; afterwards the previous answer's ``next_cursor``), and the answer is the JSON
+    object ``{"items": [...], "next_cursor": <string or null>}``, ``null`` on the last page.
+    Each item is one record carrying the key fields under the same names as the ``upsert``
+    path's placeholders (``{id}`` → ``"id"``). The method must be GET and the path has no
+    placeholders."""
+
+    @field_validator("list")
+    @classmethod
+    def _list_endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = v.split()
+        if (len(parts) != 2 or parts[0] != "GET" or not parts[1].startswith("/")
+                or "{" in parts[1] or "}" in parts[1]):
+            raise ValueError(f"{v!r} must look like 'GET /contacts' (method GET, a path "
+                             "without placeholders; paging is added by the sync)")
+        return v
 
 
 class HttpAuthSpec(_Model):
@@ -287,6 +310,62 @@ class PolicySpec(_Model):
     """Asset check: WARN above this many unresolved dead letters per target."""
     dead_letter_error: int = Field(default=100, ge=0)
     """Asset check: ERROR above this many unresolved dead letters per target."""
+    snapshot_chunk: int = Field(default=5_000, ge=1, le=100_000)
+    """Rows read per chunk by backfill and repair (each chunk sits between two watermarks)."""
+
+
+class ReconcileSpec(_Model):
+    """End-of-day reconciliation: when it runs and what counts as a problem."""
+
+    timezone: str = "UTC"
+    """IANA time zone the days are cut in, e.g. ``Europe/Paris``."""
+    at: str = "00:30"
+    """Local time (``HH:MM``) after the end of each day when the day's run starts."""
+    start_date: str = "2026-01-01"
+    """First day of the daily partitions (``YYYY-MM-DD``)."""
+    repair: bool = False
+    """Scheduled runs send confirmed drift through the stream (the launchpad can override)."""
+    drift_warn: int = Field(default=0, ge=0)
+    """Asset check: WARN above this many drifted keys (all tables and targets)."""
+    drift_error: int = Field(default=100, ge=0)
+    """Asset check: ERROR above this many drifted keys."""
+    confirm_timeout_seconds: float = Field(default=300.0, gt=0)
+    """How long to wait for the pipeline to deliver what committed before the comparison."""
+    range_rows: int = Field(default=10_000, ge=100)
+    """Keys per range hashed on both servers (Postgres targets)."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r} (use an IANA name like "
+                             "'Europe/Paris' or 'UTC')") from None
+        return v
+
+    @field_validator("at")
+    @classmethod
+    def _clock_time(cls, v: str) -> str:
+        import re
+
+        m = re.fullmatch(r"(\d{1,2}):(\d{2})", v.strip())
+        if m is None or int(m.group(1)) > 23 or int(m.group(2)) > 59:
+            raise ValueError(f"{v!r} must be a time of day like '00:30'")
+        return f"{int(m.group(1)):02d}:{m.group(2)}"
+
+    @field_validator("start_date")
+    @classmethod
+    def _iso_date(cls, v: str) -> str:
+        from datetime import date
+
+        try:
+            date.fromisoformat(v)
+        except ValueError:
+            raise ValueError(f"{v!r} must be a date like '2026-01-01'") from None
+        return v
 
 
 class PipelineSpec(_Model):
@@ -300,6 +379,11 @@ class PipelineSpec(_Model):
     targets: dict[str, TargetSpec]
     """Named targets; each receives every table."""
     policy: PolicySpec = Field(default_factory=PolicySpec)
+    reconcile: ReconcileSpec = Field(default_factory=ReconcileSpec)
+    """End-of-day reconciliation schedule and thresholds."""
+    initial_backfill: bool = True
+    """Once the slot exists, read every table that was never backfilled into the stream (the
+    rows that existed before the pipeline), through ``<pipeline>_backfill_job``."""
 
     @field_validator("tables", mode="before")
     @classmethod

@@ -1,0 +1,213 @@
+"""Per-pipeline Dagster definitions for backfill and end-of-day reconciliation.
+
+For a pipeline ``p``:
+
+* asset ``sync/p/backfill`` and job ``p_backfill_job``: reads source tables in key-ordered
+  chunks into the stream (launchpad config: which tables, restart or resume). The replication
+  sensor launches it for every table that was never backfilled when ``initial_backfill`` is on;
+  progress is logged per chunk and each table's materialization carries rows, chunks, percent;
+* asset ``sync/p/reconciliation`` (daily partitions in the spec's timezone) with the
+  ``drift`` check, job ``p_reconcile_job`` and schedule ``p_reconcile_schedule`` (after each
+  day ends, running by default): drift per class as numeric metadata (so it plots over days),
+  a sample of differing keys with the fields that differ, duration and rows compared per
+  second; launchpad config ``repair: true`` sends the confirmed drift through the stream.
+
+Both jobs carry ``sync/maintenance`` instead of the delivery runs' ``sync/pipeline`` tag, so a
+long backfill or reconciliation never holds up delivery (which they rely on).
+"""
+
+
+from typing import Any
+
+import dagster as dg
+
+from sync_pipelines.engine import pipeline as engine
+from sync_pipelines.engine.backfill import SnapshotReport
+from sync_pipelines.engine.drift import TableDrift
+from sync_pipelines.engine.errors import SyncError
+from sync_pipelines.engine.spec import PipelineSpec
+
+from .pipelines import delivered_key
+from .resources import SyncEngine
+
+MAINTENANCE_TAG = "sync/maintenance"
+SAMPLE_ROWS = 50
+
+
+def backfill_key(p: str) -> dg.AssetKey:
+    return dg.AssetKey(["sync", p, "backfill"])
+
+
+def reconciliation_key(p: str) -> dg.AssetKey:
+    return dg.AssetKey(["sync", p, "reconciliation"])
+
+
+class BackfillConfig(dg.Config):
+    tables: list[str] = []
+    """Source tables (``schema.table``) to read; all of the pipeline's tables if empty."""
+    restart: bool = False
+    """Start over from the first key instead of resuming an unfinished backfill."""
+
+
+class ReconcileConfig(dg.Config):
+    repair: bool | None = None
+    """Send confirmed drift through the stream (default: the spec's ``reconcile.repair``)."""
+    tables: list[str] = []
+    """Source tables to compare; all if empty."""
+    targets: list[str] = []
+    """Targets to compare; all if empty."""
+
+
+def _fail(err: SyncError) -> dg.Failure:
+    return dg.Failure(description=str(err), metadata={"error": type(err).__name__})
+
+
+def _snapshot_metadata(r: SnapshotReport) -> dict[str, Any]:
+    pct = (100.0 * r.total_rows / r.rows_estimate) if r.rows_estimate else None
+    return {
+        "table": r.table, "status": "done" if r.done else "running",
+        "rows_this_run": r.rows, "rows_total": r.total_rows, "chunks_this_run": r.chunks,
+        "rows_estimate": r.rows_estimate or 0,
+        "percent": round(min(pct, 100.0), 1) if pct is not None else 0.0,
+        "resumed": r.resumed, "duration_s": round(r.duration_s, 2),
+        "rows_per_s": round(r.rows_per_s, 1),
+    }
+
+
+def _drift_table(tables: list[TableDrift]) -> dg.MetadataValue:
+    columns = ("target", "table", "key", "kind", "fields")
+    records = [
+        dg.TableRecord({"target": t.target, "table": t.table,
+                        "key": ", ".join("NULL" if v is None else v for v in d.key),
+                        "kind": d.kind, "fields": ", ".join(d.fields)})
+        for t in tables for d in t.drift
+    ][:SAMPLE_ROWS]
+    schema = dg.TableSchema(columns=[dg.TableColumn(c, "string") for c in columns])
+    return dg.MetadataValue.table(records, schema=schema)
+
+
+def _per_table(tables: list[TableDrift]) -> dg.MetadataValue:
+    columns = ("target", "table", "method", "missing", "extra", "different", "in_flight",
+               "rows_compared", "rows_per_s", "note")
+    records = [dg.TableRecord({
+        "target": t.target, "table": t.table, "method": t.method, "missing": t.missing,
+        "extra": t.extra, "different": t.different, "in_flight": t.in_flight,
+        "rows_compared": t.source_rows + t.target_rows, "rows_per_s": round(t.rows_per_s),
+        "note": t.note or ""}) for t in tables]
+    types = {"missing": "int", "extra": "int", "different": "int", "in_flight": "int",
+             "rows_compared": "int", "rows_per_s": "int"}
+    schema = dg.TableSchema(columns=[dg.TableColumn(c, types.get(c, "string")) for c in columns])
+    return dg.MetadataValue.table(records, schema=schema)
+
+
+def build_reconcile_defs(pipeline: PipelineSpec) -> dg.Definitions:
+    p = pipeline.name
+    rspec = pipeline.reconcile
+    partitions = dg.DailyPartitionsDefinition(start_date=rspec.start_date,
+                                              timezone=rspec.timezone)
+
+    @dg.asset(key=backfill_key(p), group_name=p,
+              deps=[dg.AssetKey(["sync", p, "source"])],
+              description=f"Rows that existed in the source of {p} before its slot, read in "
+              "key-ordered chunks and placed in the stream between watermarks.")
+    def backfill(context: dg.AssetExecutionContext, config: BackfillConfig,
+                 sync: SyncEngine) -> dg.MaterializeResult:
+        spec = sync.spec()
+
+        def progress(r: SnapshotReport) -> None:
+            total = f" of ~{r.rows_estimate:,}" if r.rows_estimate else ""
+            context.log.info(f"{p} backfill {r.table}: {r.total_rows:,} rows{total} emitted "
+                             f"({r.chunks} chunk(s) this run, {r.rows_per_s:,.0f} rows/s)")
+
+        try:
+            reports = engine.backfill_pipeline(spec, p, tables=config.tables or None,
+                                               restart=config.restart, on_chunk=progress)
+        except SyncError as err:
+            raise _fail(err) from None
+        return dg.MaterializeResult(metadata={
+            "tables": dg.MetadataValue.json({r.table: _snapshot_metadata(r) for r in reports}),
+            "rows_this_run": sum(r.rows for r in reports),
+            "rows_total": sum(r.total_rows for r in reports),
+            "done": all(r.done for r in reports),
+        })
+
+    backfill_job = dg.define_asset_job(
+        f"{p}_backfill_job", selection=[backfill_key(p)], executor_def=dg.in_process_executor,
+        tags={MAINTENANCE_TAG: p},
+        description=f"Backfill source tables of {p} through the stream (resumable).")
+
+    drift_check = dg.AssetCheckSpec(
+        "drift", asset=reconciliation_key(p),
+        description="Confirmed drift between source and targets: WARN above the spec's "
+        "reconcile.drift_warn, ERROR above reconcile.drift_error.")
+
+    @dg.asset(key=reconciliation_key(p), group_name=p, partitions_def=partitions,
+              deps=[delivered_key(p, t) for t in pipeline.targets], check_specs=[drift_check],
+              description=f"End-of-day comparison of {p}'s source with each target.")
+    def reconciliation(context: dg.AssetExecutionContext, config: ReconcileConfig,
+                       sync: SyncEngine):
+        repair = rspec.repair if config.repair is None else config.repair
+        try:
+            report = engine.reconcile(
+                sync.spec(), p, tables=config.tables or None, targets=config.targets or None,
+                repair=repair, on_table=lambda t: context.log.info(
+                    f"{p} {t.table} → {t.target} ({t.method}): {t.missing} missing, "
+                    f"{t.extra} extra, {t.different} different, {t.in_flight} in flight"
+                    + (f"; {t.note}" if t.note else "")))
+        except SyncError as err:
+            raise _fail(err) from None
+        tables = report.tables
+        total = report.drift
+        yield dg.MaterializeResult(metadata={
+            "day": context.partition_key,
+            "drift_total": total,
+            "drift_missing": sum(t.missing for t in tables),
+            "drift_extra": sum(t.extra for t in tables),
+            "drift_different": sum(t.different for t in tables),
+            "in_flight": sum(t.in_flight for t in tables),
+            "rows_compared": sum(t.source_rows + t.target_rows for t in tables),
+            "rows_per_s": round(sum(t.source_rows + t.target_rows for t in tables)
+                                / max(sum(t.duration_s for t in tables), 1e-9)),
+            "duration_s": round(report.duration_s, 2),
+            "repaired_keys": sum(r.rows for r in report.repairs),
+            "not_compared": sum(1 for t in tables if t.method == "unsupported"),
+            "per_table": _per_table(tables),
+            "sample": _drift_table(tables),
+        })
+        severity = (dg.AssetCheckSeverity.ERROR if total > rspec.drift_error
+                    else dg.AssetCheckSeverity.WARN)
+        yield dg.AssetCheckResult(
+            check_name="drift", passed=total <= rspec.drift_warn, severity=severity,
+            metadata={"drift_total": total, "repaired": repair,
+                      "sample": _drift_table(tables)})
+
+    reconcile_job = dg.define_asset_job(
+        f"{p}_reconcile_job", selection=[reconciliation_key(p)],
+        executor_def=dg.in_process_executor, tags={MAINTENANCE_TAG: p},
+        description=f"Compare {p}'s source with its targets; with repair, fix confirmed drift "
+        "through the stream.")
+    hour, minute = (int(x) for x in rspec.at.split(":"))
+    schedule = dg.build_schedule_from_partitioned_job(
+        reconcile_job, name=f"{p}_reconcile_schedule", hour_of_day=hour, minute_of_hour=minute,
+        default_status=dg.DefaultScheduleStatus.RUNNING)
+    @dg.sensor(name=f"{p}_initial_backfill_sensor", job=backfill_job,
+               minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+               description=f"Launches {p}_backfill_job once for tables never backfilled, as "
+               "soon as the pipeline's slot exists (spec: initial_backfill).")
+    def initial_backfill(context: dg.SensorEvaluationContext, sync: SyncEngine):
+        if not pipeline.initial_backfill:
+            return dg.SkipReason("initial_backfill is off for this pipeline")
+        try:
+            tables = engine.tables_needing_backfill(sync.spec(), p)
+        except SyncError as err:
+            return dg.SkipReason(f"cannot read the state database: {err}")
+        if not tables:
+            return dg.SkipReason("every table has been backfilled, or the slot does not exist "
+                                 "yet (the replication sensor creates it)")
+        return dg.RunRequest(
+            run_key=f"{p}-initial-backfill-{'+'.join(tables)}",
+            run_config={"ops": {backfill.op.name: {"config": {"tables": tables}}}},
+            tags={MAINTENANCE_TAG: p})
+
+    return dg.Definitions(assets=[backfill, reconciliation], jobs=[backfill_job, reconcile_job],
+                          schedules=[schedule], sensors=[initial_backfill])

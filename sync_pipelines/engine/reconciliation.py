@@ -1,0 +1,185 @@
+"""End-of-day reconciliation: find drift between a pipeline's source and each target, tell it
+from changes still on their way, and repair it through the stream.
+
+Contract: :func:`reconcile_pipeline` compares every table with every target (Postgres targets
+with :func:`.reconcile.compare_postgres`, HTTP targets with a list endpoint with
+:func:`.reconcile_http.compare_http`, others reported as not compared), then **confirms** what
+it found, and with ``repair`` sends the confirmed keys' current source rows (or deletes) through
+the pipeline's stream with :func:`.backfill.repair_keys`. It reads source, targets and state;
+the only things it writes are repair chunks and their watermarks.
+
+Confirmation (no false positives while live changes flow): a key that differed in the first
+pass counts as drift only if, after the pipeline has delivered to the target everything that
+committed before the first pass ended,
+
+* it still differs (re-read on both sides by key),
+* its source row is the one the first pass read (same fingerprint: a row that changed since is
+  live traffic, not drift), and
+* the target holds nothing for it in the retry queue or the dead letters (those are failures
+  the retry sweep and the operator own).
+
+Keys that fail the rule are counted as ``in_flight``. If the pipeline does not catch up within
+``confirm_timeout_s`` (its sensor is stopped, say) nothing is confirmed: every candidate is
+reported in flight, with a note saying why. A crash leaves nothing to undo: a repair chunk
+whose high watermark was written is placed by the puller; one that was not, never is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import psycopg
+
+from .backfill import SnapshotReport, repair_keys
+from .drift import KeyDrift, TableDrift
+from .errors import SourceConfigError
+from .held import HeldStore, key_text
+from .mapping import TableMapper
+from .pgoutput import parse_lsn
+from .reconcile import compare_postgres, recheck_postgres
+from .reconcile_http import compare_http, recheck_http
+from .source import TEXT_FORMAT_SETTINGS, describe_relation
+from .spec import HttpTargetSpec, PipelineSpec, PostgresTargetSpec, SyncSpec
+from .state import Position, StateStore
+
+CatchUp = Callable[[], None]
+"""Called while waiting for the pipeline to catch up (tests pull and deliver here; under Dagster
+the sensor and delivery runs do it, and this is ``None``)."""
+
+
+@dataclass
+class ReconcileReport:
+    pipeline: str
+    tables: list[TableDrift] = field(default_factory=list)
+    repairs: list[SnapshotReport] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    @property
+    def drift(self) -> int:
+        return sum(t.total for t in self.tables)
+
+
+def _connect(dsn: str, what: str) -> psycopg.Connection[Any]:
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, application_name="sync_pipelines:reconcile")
+    except psycopg.OperationalError as err:
+        raise SourceConfigError(f"{what}: cannot connect: {str(err).strip()[:300]}") from None
+    conn.execute(TEXT_FORMAT_SETTINGS)
+    return conn
+
+
+def _wal_lsn(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    return parse_lsn(row[0])
+
+
+def wait_caught_up(state: StateStore, pipeline: str, target: str, lsn: int, timeout_s: float,
+                   catch_up: CatchUp | None = None) -> bool:
+    """Wait until everything that committed before ``lsn`` is delivered to ``target``."""
+    deadline = time.monotonic() + timeout_s
+    staged_then: Position | None = None
+    while True:
+        if catch_up is not None:
+            catch_up()
+        ps = state.pipeline_state(pipeline)
+        if staged_then is None and ps.advanced_lsn is not None and ps.advanced_lsn >= lsn:
+            staged_then = ps.staged  # the slot is past lsn: all of it is staged by now
+        if staged_then is not None and state.delivered(pipeline, target) >= staged_then:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def _confirm(first: TableDrift, now: dict[Any, KeyDrift | None], blocked: set[Any]
+             ) -> TableDrift:
+    confirmed: list[KeyDrift] = []
+    in_flight = 0
+    for d in first.drift:
+        again = now.get(d.key)
+        if (again is None or d.key in blocked
+                or again.source_fingerprint != d.source_fingerprint):
+            in_flight += 1
+        else:
+            confirmed.append(again)
+    return replace(first, drift=confirmed, in_flight=first.in_flight + in_flight)
+
+
+def reconcile_table(spec: SyncSpec, name: str, table: str, target: str, *,
+                    state: StateStore, repair: bool = False, confirm_timeout_s: float = 300.0,
+                    catch_up: CatchUp | None = None, range_rows: int = 10_000
+                    ) -> tuple[TableDrift, SnapshotReport | None]:
+    pipeline = spec.pipelines[name]
+    tspec = pipeline.targets[target]
+    what = f"pipeline {name!r}: source"
+    source = _connect(pipeline.source.resolve(what), what)
+    target_conn: psycopg.Connection[Any] | None = None
+    try:
+        if isinstance(tspec, PostgresTargetSpec):
+            target_conn = _connect(tspec.resolve(f"pipeline {name!r}: target {target!r}"),
+                                   f"pipeline {name!r}: target {target!r}")
+            first = compare_postgres(source, target_conn, pipeline, table, target,
+                                     range_rows=range_rows)
+        elif isinstance(tspec, HttpTargetSpec):
+            first = compare_http(source, pipeline, table, target)
+        else:  # pragma: no cover - the spec has two kinds
+            raise AssertionError(type(tspec))
+        if not first.drift:
+            return first, None
+        lsn = _wal_lsn(source)
+        if not wait_caught_up(state, name, target, lsn, confirm_timeout_s, catch_up):
+            note = (f"the pipeline did not deliver to {target} what committed before the "
+                    f"comparison ended within {confirm_timeout_s:.0f}s (is its sensor "
+                    "running?): nothing was confirmed")
+            return replace(first, drift=[], in_flight=len(first.drift), note=note), None
+        keys = [d.key for d in first.drift]
+        if target_conn is not None:
+            now = recheck_postgres(source, target_conn, pipeline, table, target, keys)
+        else:
+            now = recheck_http(source, pipeline, table, target, keys)
+        tm = TableMapper(name, table, pipeline.tables[table], describe_relation(source, table))
+        held = HeldStore(state, name, target)
+        held_keys = held.blocked(key_text(tm.target_table, k) for k in keys)
+        blocked = {k for k in keys if key_text(tm.target_table, k) in held_keys}
+        found = _confirm(first, now, blocked)
+        found.duration_s = first.duration_s
+        if not (repair and found.drift):
+            return found, None
+        fix = repair_keys(state, pipeline, table, [d.key for d in found.drift])
+        return found, fix
+    finally:
+        source.close()
+        if target_conn is not None:
+            target_conn.close()
+
+
+def reconcile_pipeline(spec: SyncSpec, name: str, *, state: StateStore,
+                       tables: Sequence[str] | None = None, targets: Sequence[str] | None = None,
+                       repair: bool = False, confirm_timeout_s: float = 300.0,
+                       catch_up: CatchUp | None = None, range_rows: int = 10_000,
+                       on_table: Callable[[TableDrift], None] | None = None) -> ReconcileReport:
+    """Reconcile ``tables`` (default: all) against ``targets`` (default: all) of a pipeline."""
+    started = time.monotonic()
+    pipeline: PipelineSpec = spec.pipelines[name]
+    report = ReconcileReport(name)
+    for target in targets or list(pipeline.targets):
+        tspec = pipeline.targets[target]
+        sent = (list(tspec.tables) if isinstance(tspec, HttpTargetSpec) and tspec.tables
+                else list(pipeline.tables))
+        for table in tables or list(pipeline.tables):
+            if table not in sent:
+                continue
+            drift, fix = reconcile_table(spec, name, table, target, state=state, repair=repair,
+                                         confirm_timeout_s=confirm_timeout_s,
+                                         catch_up=catch_up, range_rows=range_rows)
+            report.tables.append(drift)
+            if fix is not None:
+                report.repairs.append(fix)
+            if on_table is not None:
+                on_table(drift)
+    report.duration_s = time.monotonic() - started
+    return report
