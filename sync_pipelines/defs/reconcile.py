@@ -179,6 +179,9 @@ def build_reconcile_defs(pipeline: PipelineSpec) -> dg.Definitions:
         yield dg.AssetCheckResult(
             check_name="drift", passed=total <= rspec.drift_warn, severity=severity,
             metadata={"drift_total": total, "repaired": repair,
+                      "not_compared": dg.MetadataValue.text(", ".join(
+                          f"{t.target}/{t.table}: {t.note}" for t in tables
+                          if t.method == "unsupported") or "none"),
                       "sample": _drift_table(tables)})
 
     reconcile_job = dg.define_asset_job(

@@ -37,7 +37,6 @@ fetches differing groups, so ``compared_keys`` becomes a lower bound). ``source_
 the source rows the target should hold (after the row filter). SQL: :mod:`.reconcile_sql`.
 """
 
-
 from __future__ import annotations
 
 import bisect
@@ -45,7 +44,7 @@ import hashlib
 import itertools
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import closing, suppress
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -60,7 +59,7 @@ from psycopg import sql
 from . import pgtypes
 from .drift import Key, KeyDrift, TableDrift
 from .mapping import TableMapper
-from .reconcile_sql import KeyRange, Rows, Side, catalog, prefetch, read_only
+from .reconcile_sql import Chunks, KeyRange, Rows, Side, catalog, prefetch, read_only
 from .source import describe_relation
 from .spec import PipelineSpec, PostgresTargetSpec
 
@@ -246,7 +245,7 @@ def _gid(row: tuple[Any, ...]) -> tuple[int, int]:
     return row[0], row[1]
 
 
-def _walk(differ: _Differ, src_chunks: Iterator[Rows], tgt_chunks: Iterator[Rows],
+def _walk(differ: _Differ, src_chunks: Chunks, tgt_chunks: Chunks,
           window: int) -> None:
     """Both streams come ordered by group (range, sub-bucket), numbers each server computed.
     Take a window of complete source groups, diff every target row of those groups against
@@ -329,6 +328,7 @@ def _compare(plan: _Plan, result: TableDrift, range_rows: int, fetch_rows: int,
         a, b = next(s_it, None), next(t_it, None)
         while a is not None or b is not None:
             if b is None or (a is not None and a[:2] < b[:2]):
+                assert a is not None
                 got, a = (a[:2], a[2], 0), next(s_it, None)
             elif a is None or b[:2] < a[:2]:
                 got, b = (b[:2], 0, b[2]), next(t_it, None)

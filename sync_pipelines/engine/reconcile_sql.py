@@ -5,7 +5,7 @@ with its key columns and the columns fetched as text. It builds every query the 
 sends: the range boundaries, the per-group aggregates, the rows of chosen groups, all rows in
 key order, rows by key. Identifiers go through :class:`psycopg.sql.Identifier`, values are
 parameters. Everything runs inside :func:`read_only` (``REPEATABLE READ READ ONLY``), through
-server-side cursors (:func:`stream`), optionally fetched ahead in a thread (:func:`prefetch`).
+server-side cursors (:func:`stream`), optionally fetched ahead in a thread (:class:`prefetch`).
 
 Key order is the servers' business, never Python's: text-like key columns (any type with a
 collation) are compared ``COLLATE "C"`` (byte order) on both sides, and a row's range number is
@@ -20,7 +20,7 @@ import itertools
 import queue
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +32,7 @@ from .drift import Key
 from .source import TEXT_FORMAT_SETTINGS
 
 Rows = list[tuple[Any, ...]]
+Chunks = Generator[Rows, None, None]
 KeyRange = tuple[Key | None, Key | None]
 _LOCAL_SETTINGS = re.sub(r"\bSET\b", "SET LOCAL", TEXT_FORMAT_SETTINGS)
 _COLLATE_C = sql.SQL(' COLLATE "C"')
@@ -136,7 +137,7 @@ class Side:
             params + w_params
 
     def aggregates(self, bounds: Sequence[Key], subs: int, key_range: KeyRange | None,
-                   ) -> Iterator[Rows]:
+                   ) -> Chunks:
         """``(range, sub, count, hash)`` per group in group order; the hash is order-free."""
         g, w, params = self._groups(bounds, subs, key_range)
         # Each column hashed (NULL apart from ''), xor-ed, hashed again so that a row's values
@@ -153,7 +154,7 @@ class Side:
             params, 50_000, hash_groups=True)
 
     def rows_of(self, bounds: Sequence[Key], subs: int, key_range: KeyRange | None,
-                groups: Sequence[tuple[int, int]], size: int) -> Iterator[Rows]:
+                groups: Sequence[tuple[int, int]], size: int) -> Chunks:
         """``(range, sub, *columns)`` of the rows in ``groups``, in group order."""
         g, w, params = self._groups(bounds, subs, key_range)
         # Text casts outside the scan: only the rows of the groups asked for pay for them.
@@ -164,7 +165,7 @@ class Side:
             params + [[d[0] for d in groups], [d[1] for d in groups]], size)
 
     def all_rows(self, bounds: Sequence[Key], key_range: KeyRange | None, size: int
-                 ) -> Iterator[Rows]:
+                 ) -> Chunks:
         """``(range, 0, *columns)`` of every row, in key order (so in range order)."""
         bucket, params = self.bucket(bounds)
         w, w_params = self.where(key_range)
@@ -208,8 +209,8 @@ def read_only(conn: psycopg.Connection[Any]) -> Iterator[None]:
             conn.isolation_level, conn.read_only = saved
 
 
-def stream(conn: psycopg.Connection[Any], query: sql.Composable, params: list[Any],
-           size: int, *, hash_groups: bool = False) -> Iterator[Rows]:
+def stream(conn: psycopg.Connection[Any], query: sql.Composed, params: list[Any],
+           size: int, *, hash_groups: bool = False) -> Chunks:
     """``query``'s rows, ``size`` at a time, through a server-side cursor."""
     with conn.cursor(name=f"sync_reconcile_{next(_cursor_ids)}") as cur:
         if not hash_groups:
@@ -227,42 +228,53 @@ def stream(conn: psycopg.Connection[Any], query: sql.Composable, params: list[An
             yield rows
 
 
-def prefetch(chunks: Iterator[Rows], depth: int = 2) -> Iterator[Rows]:
-    """Run ``chunks`` in a thread, up to ``depth`` chunks ahead: both servers work at once,
-    and the next chunk travels while this one is diffed. Close it (``contextlib.closing``):
-    the generator (and its cursor) is closed in that thread, before this one goes on."""
-    q: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
-    stop = threading.Event()
+class prefetch:  # noqa: N801 (used like a function: closing(prefetch(...)))
+    """Run ``chunks`` in a thread started at once, up to ``depth`` chunks ahead: both servers
+    work at the same time, and the next chunk travels while this one is diffed. Close it
+    (``contextlib.closing``): the thread stops, closing the generator (and its cursor) itself,
+    before the caller goes on with that connection."""
 
-    def put(item: tuple[str, Any]) -> None:
-        while not stop.is_set():
+    def __init__(self, chunks: Chunks, depth: int = 2) -> None:
+        self._q: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._worker = threading.Thread(target=self._run, args=(chunks,), daemon=True,
+                                        name="sync-reconcile-fetch")
+        self._worker.start()
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        while not self._stop.is_set():
             with suppress(queue.Full):
-                q.put(item, timeout=0.05)
+                self._q.put(item, timeout=0.05)
                 return
 
-    def run() -> None:
+    def _run(self, chunks: Chunks) -> None:
         try:
             for chunk in chunks:
-                put(("chunk", chunk))
-                if stop.is_set():
+                self._put(("chunk", chunk))
+                if self._stop.is_set():
                     break
-            put(("end", None))
+            self._put(("end", None))
         except BaseException as err:  # noqa: BLE001 (handed to the consuming thread)
-            put(("error", err))
+            self._put(("error", err))
         finally:
             with suppress(Exception):
-                chunks.close()  # type: ignore[attr-defined]
+                chunks.close()
 
-    worker = threading.Thread(target=run, name="sync-reconcile-fetch", daemon=True)
-    worker.start()
-    try:
-        while True:
-            kind, item = q.get()
-            if kind == "error":
-                raise item
-            if kind == "end":
-                return
-            yield item
-    finally:
-        stop.set()
-        worker.join()
+    def __iter__(self) -> prefetch:
+        return self
+
+    def __next__(self) -> Rows:
+        if self._done:
+            raise StopIteration
+        kind, item = self._q.get()
+        if kind == "chunk":
+            return item  # type: ignore[no-any-return]
+        self._done = True
+        if kind == "error":
+            raise item
+        raise StopIteration
+
+    def close(self) -> None:
+        self._stop.set()
+        self._worker.join()
