@@ -368,8 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(res, indent=2, default=str))
     print(f"\ntotal {res['total_s']:.1f}s; results written to {out}")
     c, b = res["compare"], res["baseline"]
-    ok = (c["exact"] and b["exact"] and c["seconds"] < b["seconds"]
-          and c["peak_rss_kb"] / 1024 <= TARGET_PEAK_RSS_MB)
+    # Wrong answers always fail; the speed and memory goals only gate a full run (a quick run
+    # on a busy CI machine is a smoke test of the script, not a measurement).
+    ok = c["exact"] and b["exact"] and (args.quick or (
+        c["seconds"] < b["seconds"] and c["peak_rss_kb"] / 1024 <= TARGET_PEAK_RSS_MB))
     return 0 if ok else 1
 
 
