@@ -11,8 +11,6 @@ plays the replication sensor and the delivery runs (pull + deliver) while jobs r
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -26,7 +24,7 @@ from sync_pipelines.defs.resources import SyncEngine
 from sync_pipelines.engine.pipeline import deliver_pipeline, pull_pipeline
 from sync_pipelines.engine.spec import load_spec
 
-from .support.pipelines import assert_tables_equal, execute, rows
+from .support.pipelines import assert_tables_equal, execute, pipeline_running, rows
 
 pytestmark = pytest.mark.usefixtures("dagster_instance")
 
@@ -49,27 +47,6 @@ def write_spec(tmp_path: Path, monkeypatch, source_dsn, target_dsn, state_dsn,
         }},
     }))
     return path
-
-
-@contextmanager
-def pipeline_running(spec_path: Path) -> Iterator[None]:
-    """Pull and deliver in a loop, as the sensor and the delivery runs would."""
-    spec = load_spec(str(spec_path))
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            pull_pipeline(spec, "crm")
-            deliver_pipeline(spec, "crm")
-            stop.wait(0.2)
-
-    thread = threading.Thread(target=loop)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(60)
 
 
 def resources(spec: Path) -> dict[str, object]:
@@ -121,7 +98,7 @@ def test_initial_backfill_sensor_then_job_bring_existing_rows(
     request = tick()
     assert isinstance(request, dg.RunRequest)
     assert request.run_key == "crm-initial-backfill-public.accounts"
-    with pipeline_running(spec):
+    with pipeline_running(load_spec(str(spec))):
         result = defs.resolve_job_def("crm_backfill_job").execute_in_process(
             instance=dagster_instance, run_config=request.run_config,
             resources=resources(spec))
@@ -146,7 +123,7 @@ def test_reconcile_job_reports_drift_repairs_it_and_a_second_run_is_clean(
             "INSERT INTO accounts SELECT g, 'a' || g, g FROM generate_series(1, 3000) g")
     defs = build_definitions(str(spec))
     job = defs.resolve_job_def("crm_reconcile_job")
-    with pipeline_running(spec):
+    with pipeline_running(load_spec(str(spec))):
         # Wait for the inserts to arrive, then drift by hand.
         for _ in range(300):
             if rows(target_dsn, "SELECT to_regclass('public.accounts') IS NOT NULL")[0][0] and \

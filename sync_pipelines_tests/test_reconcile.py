@@ -16,32 +16,19 @@ from contextlib import contextmanager
 
 import psycopg
 
-from sync_pipelines.engine.pipeline import deliver_pipeline, pull_pipeline, reconcile
-from sync_pipelines.engine.spec import SyncSpec
+from sync_pipelines.engine.pipeline import pull_pipeline, reconcile
 
-from .support.pipelines import assert_tables_equal, execute, make_spec, rows, sync_until_idle
+from .support.pipelines import (
+    assert_tables_equal,
+    execute,
+    make_spec,
+    pipeline_running,
+    rows,
+    sync_until_idle,
+)
 from .test_reconcile_http import delete, fill, http_spec, make_source, put
 
 TABLE = "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, note text)"
-
-
-@contextmanager
-def pumping(spec: SyncSpec) -> Iterator[None]:
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            pull_pipeline(spec, "crm")
-            deliver_pipeline(spec, "crm")
-            stop.wait(0.1)
-
-    t = threading.Thread(target=loop)
-    t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        t.join(60)
 
 
 @contextmanager
@@ -84,7 +71,7 @@ def test_drift_is_found_exactly_while_live_changes_flow_then_repaired(
     expected = {("replica", ("5000",), "missing", ()), ("replica", ("29999",), "missing", ()),
                 ("replica", ("12345",), "different", ("v", "note")),
                 ("replica", ("40000",), "extra", ()), ("replica", ("0",), "extra", ())}
-    with pumping(spec), live_writes(source_dsn, range(1, 3000)) as live:
+    with pipeline_running(spec), live_writes(source_dsn, range(1, 3000)) as live:
         report = reconcile(spec, "crm")
         assert live["n"] > 50, "live changes did not overlap the comparison"
         assert drift_of(report) == expected
@@ -114,7 +101,7 @@ def test_a_key_in_the_retry_queue_is_in_flight_not_drift(monkeypatch, source_dsn
     sync_until_idle(spec)
     assert rows(state_dsn, "SELECT count(*) FROM sync_state.dead_letter")[0][0] == 1
     execute(target_dsn, "DELETE FROM items WHERE id = 8")
-    with pumping(spec):
+    with pipeline_running(spec):
         report = reconcile(spec, "crm")
     [table] = report.tables
     assert drift_of(report) == {("replica", ("8",), "missing", ())}
@@ -148,7 +135,7 @@ def test_http_target_is_reconciled_and_repaired_through_its_list_endpoint(
     delete(url, "3")
     put(url, "4", {"id": "4", "email_address": "hand@edit", "version": "0"})
     put(url, "99", {"id": "99", "email_address": "extra@x.io"})
-    with pumping(spec):
+    with pipeline_running(spec):
         report = reconcile(spec, "crm", repair=True)
         assert drift_of(report) == {("api", ("3",), "missing", ()),
                                     ("api", ("4",), "different", ("email_address",)),

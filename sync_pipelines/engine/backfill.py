@@ -23,6 +23,7 @@ role that creates the slot normally is).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from .faults import NO_FAULTS, Faults
 from .mapping import TableMapper
 from .pgoutput import Relation, encode_delete, encode_update
 from .snapshots import PREFIX, SnapshotKind, SnapshotStore, watermark
-from .source import TEXT_FORMAT_SETTINGS, describe_relation
+from .source import connect_text, describe_relation
 from .spec import PipelineSpec
 from .state import StateStore
 
@@ -111,15 +112,6 @@ class _Table:
         return tuple(values[i] for i in self.key_idx)
 
 
-def _connect(dsn: str, what: str) -> psycopg.Connection[Any]:
-    try:
-        conn = psycopg.connect(dsn, autocommit=True, application_name="sync_pipelines:snapshot")
-    except psycopg.OperationalError as err:
-        raise SourceConfigError(f"{what}: cannot connect: {str(err).strip()[:300]}") from None
-    conn.execute(TEXT_FORMAT_SETTINGS)
-    return conn
-
-
 def _emit(conn: psycopg.Connection[Any], pipeline: str, chunk_id: int, mark: str) -> None:
     try:
         conn.execute("SELECT pg_logical_emit_message(true, %s, %s)",
@@ -162,8 +154,9 @@ class _Snapshot:
         self.store = SnapshotStore(state)
         self.wait_s = wait_s
         what = f"pipeline {pipeline.name!r}: source"
-        self.emitter = _connect(pipeline.source.resolve(what), what)
-        self.reader = _connect(pipeline.source.resolve(what), what)
+        dsn = pipeline.source.resolve(what)
+        self.emitter = connect_text(dsn, what, "sync_pipelines:snapshot")
+        self.reader = connect_text(dsn, what, "sync_pipelines:snapshot")
         self.reader.autocommit = False
         self.reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         self.reader.read_only = True
@@ -187,6 +180,19 @@ class _Snapshot:
     def close(self) -> None:
         self.emitter.close()
         self.reader.close()
+
+    def __enter__(self) -> _Snapshot:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                 tb: object) -> None:
+        try:
+            if err is not None:  # recorded for the UI; a resume picks it up all the same
+                with contextlib.suppress(psycopg.Error):
+                    self.store.finish(self.info.snapshot_id, "failed",
+                                      f"{type(err).__name__}: {err}"[:500])
+        finally:
+            self.close()
 
     def chunk(self, read: Callable[[_Table], tuple[list[bytes], Key | None]]) -> int:
         """One chunk: low mark, wait, read (in one snapshot), store, high mark, progress.
@@ -245,7 +251,7 @@ def backfill_table(state: StateStore, pipeline: PipelineSpec, table: str, *,
         oid = t.rel.relation_id
         return [encode_update(oid, r) for r in rows], last
 
-    try:
+    with snap:
         while max_chunks is None or snap.chunks < max_chunks:
             if snap.chunk(read) < chunk_rows:
                 snap.store.finish(snap.info.snapshot_id)
@@ -256,11 +262,6 @@ def backfill_table(state: StateStore, pipeline: PipelineSpec, table: str, *,
             if on_chunk:
                 on_chunk(snap.report(done=False))
         return snap.report(done=False)
-    except BaseException as err:
-        snap.store.finish(snap.info.snapshot_id, "failed", f"{type(err).__name__}: {err}"[:500])
-        raise
-    finally:
-        snap.close()
 
 
 def repair_keys(state: StateStore, pipeline: PipelineSpec, table: str, keys: Sequence[Key], *,
@@ -288,13 +289,8 @@ def repair_keys(state: StateStore, pipeline: PipelineSpec, table: str, keys: Seq
             return out, part[-1] if part else None
         return read
 
-    try:
+    with snap:
         for at in range(0, len(todo), chunk_rows):
             snap.chunk(read_some(todo[at:at + chunk_rows]))
         snap.store.finish(snap.info.snapshot_id)
         return snap.report(done=True)
-    except BaseException as err:
-        snap.store.finish(snap.info.snapshot_id, "failed", f"{type(err).__name__}: {err}"[:500])
-        raise
-    finally:
-        snap.close()

@@ -36,7 +36,7 @@ from .sinks.http import HttpSink
 from .sinks.postgres import PostgresSink
 from .snapshots import SnapshotStore
 from .source import Source
-from .spec import DsnRef, HttpTargetSpec, PipelineSpec, PostgresTargetSpec, SyncSpec
+from .spec import HttpTargetSpec, PipelineSpec, PostgresTargetSpec, SyncSpec
 from .state import BatchInfo, StateStore
 
 
@@ -59,15 +59,7 @@ def open_http_sink(pipeline: PipelineSpec, target: str) -> HttpSink:
     tspec = pipeline.targets[target]
     assert isinstance(tspec, HttpTargetSpec)
     what = f"pipeline {pipeline.name!r}: target {target!r}"
-    headers: dict[str, str] = {}
-    auth: tuple[str, str] | None = None
-    a = tspec.auth
-    if a.bearer_token_env:
-        token = DsnRef(dsn_env=a.bearer_token_env).resolve(f"{what} bearer token")
-        headers["Authorization"] = f"Bearer {token}"
-    elif a.basic_user_env and a.basic_password_env:
-        auth = (DsnRef(dsn_env=a.basic_user_env).resolve(f"{what} user"),
-                DsnRef(dsn_env=a.basic_password_env).resolve(f"{what} password"))
+    headers, auth = tspec.credentials(what)
     base_url = tspec.base_url(f"{what} base URL")
     try:
         return HttpSink(base_url, headers=headers, auth=auth,

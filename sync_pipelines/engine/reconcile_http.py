@@ -88,7 +88,7 @@ from .errors import SpecError, TerminalDeliveryError, TransientDeliveryError
 from .mapping import TableMapper
 from .sinks.http import ERROR_BODY_CHARS, USER_AGENT, Endpoint, encode_body
 from .source import TEXT_FORMAT_SETTINGS, describe_relation
-from .spec import DsnRef, HttpTargetSpec, PipelineSpec, qualify
+from .spec import HttpTargetSpec, PipelineSpec, qualify
 
 METHOD = "http-list"
 _INT_OIDS = frozenset({20, 21, 23})  # int8, int2, int4
@@ -258,15 +258,8 @@ def _plan(source: psycopg.Connection[Any], pipeline: PipelineSpec, table: str,
 def _open_client(pipeline: PipelineSpec, target: str, tspec: HttpTargetSpec) -> httpx.Client:
     """A client resolved like :func:`~.pipeline.open_http_sink` resolves the sink."""
     what = f"pipeline {pipeline.name!r}: target {target!r}"
-    headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
-    auth: tuple[str, str] | None = None
-    a = tspec.auth
-    if a.bearer_token_env:
-        token = DsnRef(dsn_env=a.bearer_token_env).resolve(f"{what} bearer token")
-        headers["Authorization"] = f"Bearer {token}"
-    elif a.basic_user_env and a.basic_password_env:
-        auth = (DsnRef(dsn_env=a.basic_user_env).resolve(f"{what} user"),
-                DsnRef(dsn_env=a.basic_password_env).resolve(f"{what} password"))
+    secret, auth = tspec.credentials(what)
+    headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **secret}
     base_url = tspec.base_url(f"{what} base URL")
     try:
         if httpx.URL(base_url).scheme not in ("http", "https") or not httpx.URL(base_url).host:

@@ -35,13 +35,12 @@ import psycopg
 
 from .backfill import SnapshotReport, repair_keys
 from .drift import KeyDrift, TableDrift
-from .errors import SourceConfigError
 from .held import HeldStore, key_text
 from .mapping import TableMapper
 from .pgoutput import parse_lsn
 from .reconcile import compare_postgres, recheck_postgres
 from .reconcile_http import compare_http, recheck_http
-from .source import TEXT_FORMAT_SETTINGS, describe_relation
+from .source import connect_text, describe_relation
 from .spec import HttpTargetSpec, PipelineSpec, PostgresTargetSpec, SyncSpec
 from .state import Position, StateStore
 
@@ -60,15 +59,6 @@ class ReconcileReport:
     @property
     def drift(self) -> int:
         return sum(t.total for t in self.tables)
-
-
-def _connect(dsn: str, what: str) -> psycopg.Connection[Any]:
-    try:
-        conn = psycopg.connect(dsn, autocommit=True, application_name="sync_pipelines:reconcile")
-    except psycopg.OperationalError as err:
-        raise SourceConfigError(f"{what}: cannot connect: {str(err).strip()[:300]}") from None
-    conn.execute(TEXT_FORMAT_SETTINGS)
-    return conn
 
 
 def _wal_lsn(conn: psycopg.Connection[Any]) -> int:
@@ -116,12 +106,12 @@ def reconcile_table(spec: SyncSpec, name: str, table: str, target: str, *,
     pipeline = spec.pipelines[name]
     tspec = pipeline.targets[target]
     what = f"pipeline {name!r}: source"
-    source = _connect(pipeline.source.resolve(what), what)
+    source = connect_text(pipeline.source.resolve(what), what, "sync_pipelines:reconcile")
     target_conn: psycopg.Connection[Any] | None = None
     try:
         if isinstance(tspec, PostgresTargetSpec):
-            target_conn = _connect(tspec.resolve(f"pipeline {name!r}: target {target!r}"),
-                                   f"pipeline {name!r}: target {target!r}")
+            where = f"pipeline {name!r}: target {target!r}"
+            target_conn = connect_text(tspec.resolve(where), where, "sync_pipelines:reconcile")
             first = compare_postgres(source, target_conn, pipeline, table, target,
                                      range_rows=range_rows)
         elif isinstance(tspec, HttpTargetSpec):

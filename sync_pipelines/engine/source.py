@@ -248,6 +248,17 @@ class Source:
 
 
 
+def connect_text(dsn: str, what: str, application: str) -> psycopg.Connection[Any]:
+    """An autocommit connection with :data:`TEXT_FORMAT_SETTINGS` (values read as text match
+    what pgoutput sends); a failure to connect is a :class:`SourceConfigError` naming ``what``."""
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, application_name=application)
+    except psycopg.OperationalError as err:
+        raise SourceConfigError(f"{what}: cannot connect: {_first_line(err)}") from None
+    conn.execute(TEXT_FORMAT_SETTINGS)
+    return conn
+
+
 def describe_relation(conn: psycopg.Connection[Any], table: str) -> Relation:
     """The table's current shape as a pgoutput-style :class:`Relation` (from the catalog)."""
     row = conn.execute(

@@ -265,6 +265,17 @@ class HttpTargetSpec(_Model):
     def base_url(self, what: str) -> str:
         return DsnRef(dsn_env=self.base_url_env).resolve(what)
 
+    def credentials(self, what: str) -> tuple[dict[str, str], tuple[str, str] | None]:
+        """Headers (a bearer token) and basic-auth pair, read from the environment now."""
+        a = self.auth
+        if a.bearer_token_env:
+            token = DsnRef(dsn_env=a.bearer_token_env).resolve(f"{what} bearer token")
+            return {"Authorization": f"Bearer {token}"}, None
+        if a.basic_user_env and a.basic_password_env:
+            return {}, (DsnRef(dsn_env=a.basic_user_env).resolve(f"{what} user"),
+                        DsnRef(dsn_env=a.basic_password_env).resolve(f"{what} password"))
+        return {}, None
+
 
 def _target_kind(v: Any) -> str:
     return str(v.get("kind", "postgres")) if isinstance(v, dict) else getattr(v, "kind", "")

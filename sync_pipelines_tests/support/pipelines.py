@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -48,6 +51,27 @@ def sync_until_idle(spec: SyncSpec, name: str = "crm", *, faults: Faults = NO_FA
         if report.changes == 0 and all(r.changes == 0 for r in delivered):
             return total
     raise AssertionError("pipeline did not become idle")
+
+
+@contextmanager
+def pipeline_running(spec: SyncSpec, name: str = "crm", pause_s: float = 0.1) -> Iterator[None]:
+    """Pull and deliver in a background thread, as the sensor and the delivery runs would,
+    while the body runs (a backfill or a reconciliation relies on them)."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            pull_pipeline(spec, name)
+            deliver_pipeline(spec, name)
+            stop.wait(pause_s)
+
+    thread = threading.Thread(target=loop, name="pipeline-pump")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(60)
 
 
 def rows(dsn: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
