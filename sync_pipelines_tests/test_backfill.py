@@ -155,3 +155,24 @@ def test_repair_sends_current_rows_and_deletes_through_the_stream(
     assert (report.rows, report.done) == (3, True)
     sync_until_idle(spec)
     assert_tables_equal(source_dsn, target_dsn, "items")
+
+
+def test_a_transaction_open_across_the_backfill_still_wins(monkeypatch, source_dsn, target_dsn,
+                                                           state_dsn):
+    import psycopg
+
+    execute(source_dsn, TABLE, "INSERT INTO items SELECT g, 0 FROM generate_series(1, 3000) g")
+    spec = make_spec(monkeypatch, source_dsn=source_dsn, target_dsn=target_dsn,
+                     state_dsn=state_dsn, tables=["items"])
+    pull_pipeline(spec, "crm")
+    with psycopg.connect(source_dsn) as long_txn:  # idle in transaction, holding an xid
+        long_txn.execute("UPDATE items SET v = 555 WHERE id IN (5, 2500)")
+        with open_state(spec) as state:
+            report = backfill_table(state, spec.pipelines["crm"], "public.items",
+                                    chunk_rows=1000, wait_s=0.3)
+        assert report.done and report.chunks == 4
+        long_txn.commit()  # after every chunk's high watermark: its change comes later
+    sync_until_idle(spec)
+    assert rows(target_dsn, "SELECT id, v FROM items WHERE v = 555 ORDER BY id") == [
+        (5, 555), (2500, 555)]
+    assert_tables_equal(source_dsn, target_dsn, "items")

@@ -122,26 +122,30 @@ def _emit(conn: psycopg.Connection[Any], pipeline: str, chunk_id: int, mark: str
             "the source user needs EXECUTE on pg_logical_emit_message") from None
 
 
-def _wait_for_running(conn: psycopg.Connection[Any], timeout_s: float) -> None:
+def _wait_for_running(conn: psycopg.Connection[Any], timeout_s: float,
+                      long_running: set[str]) -> None:
     """Wait until the transactions running now have ended (at most ``timeout_s``).
 
     A transaction can have written its commit record before the low watermark's and still be
     invisible to a snapshot taken right after (it is waiting for its WAL flush, or for a
     synchronous standby). Once it has ended, the chunk's snapshot sees it. A transaction still
     running after the timeout is a long one, whose commit will come after the low watermark:
-    its keys then fall between the marks, which is safe.
+    its keys then fall between the marks, which is safe. Such transactions are remembered in
+    ``long_running`` and waited for only briefly at later chunks, so one idle-in-transaction
+    session does not cost every chunk the whole timeout.
     """
     row = conn.execute(
         "SELECT array(SELECT pg_snapshot_xip(pg_current_snapshot()))::text[]").fetchone()
     running = list(row[0]) if row and row[0] else []
-    deadline = time.monotonic() + timeout_s
+    patience = timeout_s if set(running) - long_running else min(timeout_s, 0.5)
+    deadline = time.monotonic() + patience
     while running and time.monotonic() < deadline:
+        time.sleep(0.02)
         row = conn.execute(
             "SELECT array(SELECT x FROM unnest(%s::xid8[]) x "
             "WHERE pg_xact_status(x) = 'in progress')::text[]", (running,)).fetchone()
         running = list(row[0]) if row and row[0] else []
-        if running:
-            time.sleep(0.02)
+    long_running.update(running)
 
 
 class _Snapshot:
@@ -153,6 +157,7 @@ class _Snapshot:
         self.faults = faults
         self.store = SnapshotStore(state)
         self.wait_s = wait_s
+        self.long_running: set[str] = set()
         what = f"pipeline {pipeline.name!r}: source"
         dsn = pipeline.source.resolve(what)
         self.emitter = connect_text(dsn, what, "sync_pipelines:snapshot")
@@ -202,7 +207,7 @@ class _Snapshot:
                                         self.t.key_names)
         _emit(self.emitter, self.pipeline.name, chunk_id, "low")
         self.faults.hit("after_low")
-        _wait_for_running(self.emitter, self.wait_s)
+        _wait_for_running(self.emitter, self.wait_s, self.long_running)
         with self.reader.transaction():
             rel = describe_relation(self.reader, self.table)
             if rel != self.t.rel:  # the table changed shape: read it as it is now
