@@ -163,3 +163,10 @@ def test_reconcile_job_reports_drift_repairs_it_and_a_second_run_is_clean(
         [check] = again.get_asset_check_evaluations()
         assert check.passed
     assert_tables_equal(source_dsn, target_dsn, "accounts", columns="id, v", key="id")
+    # A target table that is gone cannot be compared: that is not a clean day.
+    execute(target_dsn, "DROP TABLE accounts")
+    gone = job.execute_in_process(instance=dagster_instance, partition_key="2026-11-20",
+                                  resources=resources(spec))
+    [check] = gone.get_asset_check_evaluations()
+    assert not check.passed
+    assert "reporting/public.accounts" in check.metadata["could_not_compare"].value

@@ -25,7 +25,7 @@ from sync_pipelines.engine import pipeline as engine
 from sync_pipelines.engine.backfill import SnapshotReport
 from sync_pipelines.engine.drift import TableDrift
 from sync_pipelines.engine.errors import SyncError
-from sync_pipelines.engine.spec import PipelineSpec
+from sync_pipelines.engine.spec import HttpTargetSpec, PipelineSpec
 
 from .pipelines import delivered_key
 from .resources import SyncEngine
@@ -174,15 +174,26 @@ def build_reconcile_defs(pipeline: PipelineSpec) -> dg.Definitions:
             "per_table": _per_table(tables),
             "sample": _drift_table(tables),
         })
+        # A table that could not be compared (its target table or a column is missing, say)
+        # is not clean: the check fails, unless it is an HTTP table without a list endpoint,
+        # which the spec chose not to compare.
+        unverified = [t for t in tables if t.method == "unsupported" and not _unlisted(t)]
         severity = (dg.AssetCheckSeverity.ERROR if total > rspec.drift_error
                     else dg.AssetCheckSeverity.WARN)
         yield dg.AssetCheckResult(
-            check_name="drift", passed=total <= rspec.drift_warn, severity=severity,
+            check_name="drift", passed=total <= rspec.drift_warn and not unverified,
+            severity=severity,
             metadata={"drift_total": total, "repaired": repair,
-                      "not_compared": dg.MetadataValue.text(", ".join(
-                          f"{t.target}/{t.table}: {t.note}" for t in tables
-                          if t.method == "unsupported") or "none"),
+                      "could_not_compare": dg.MetadataValue.text(", ".join(
+                          f"{t.target}/{t.table}: {t.note}" for t in unverified) or "none"),
+                      "not_compared_by_spec": dg.MetadataValue.text(", ".join(
+                          f"{t.target}/{t.table}" for t in tables if _unlisted(t)) or "none"),
                       "sample": _drift_table(tables)})
+
+    def _unlisted(t: TableDrift) -> bool:
+        tspec = pipeline.targets[t.target]
+        return (isinstance(tspec, HttpTargetSpec) and t.table in tspec.tables
+                and tspec.tables[t.table].list is None)
 
     reconcile_job = dg.define_asset_job(
         f"{p}_reconcile_job", selection=[reconciliation_key(p)],
