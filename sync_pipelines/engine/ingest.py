@@ -42,7 +42,7 @@ from . import pgoutput as po
 from .errors import SlotConflictError
 from .faults import NO_FAULTS, Faults
 from .pgoutput import format_lsn
-from .snapshots import SnapshotStore, parse_watermark
+from .snapshots import SnapshotStore, key_positions, parse_watermark
 from .source import Source
 from .spec import PipelineSpec
 from .state import BatchInfo, Position, StagedChange, StateStore
@@ -157,8 +157,7 @@ class _Puller:
         self.flush()  # the conflicts are read from the mailbox: everything before must be in it
         touched, truncated = self.snapshots.touched_keys(self.pipeline.name, chunk,
                                                          begin.final_lsn)
-        names = [c.name for c in self.state.relation(chunk.relation_id).columns]
-        idx = [names.index(k) for k in chunk.key_names]
+        idx = key_positions(self.state.relation(chunk.relation_id), chunk.key_names)
         placed = 0
         for data in () if truncated else chunk.messages:
             row = po.decode_message(data)

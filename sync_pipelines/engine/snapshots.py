@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from psycopg import sql
 
-from .pgoutput import Delete, Insert, Update, decode_message
+from .pgoutput import Delete, Insert, Relation, Update, decode_message
 from .state import StateStore
 
 PREFIX = "sync_pipelines.snapshot"
@@ -64,6 +64,12 @@ def parse_watermark(pipeline: str, prefix: str, content: bytes) -> tuple[int, Ma
         return int(body["chunk"]), body["mark"]
     except (ValueError, TypeError, KeyError, AttributeError):
         return None  # not ours after all: someone else's message under our prefix
+
+
+def key_positions(rel: Relation, key_names: Sequence[str]) -> list[int]:
+    """Positions of the named key columns in a relation version (``ValueError`` if one is gone)."""
+    names = [c.name for c in rel.columns]
+    return [names.index(k) for k in key_names]
 
 
 @dataclass(frozen=True)
@@ -147,15 +153,11 @@ class SnapshotStore:
             self.conn.execute(self._q(
                 "UPDATE {schema}.snapshot_chunk SET emitted = true WHERE chunk_id = %s"),
                 (chunk_id,))
-            self._progress(snapshot_id, last_key, rows)
-
-    def _progress(self, snapshot_id: int, last_key: Sequence[str | None] | None,
-                  rows: int) -> None:
-        self.conn.execute(self._q(
-            "UPDATE {schema}.snapshot SET last_key = %s, chunks = chunks + 1, "
-            "rows = rows + %s, status = 'running', error = NULL, updated_at = now() "
-            "WHERE snapshot_id = %s"),
-            (list(last_key) if last_key is not None else None, rows, snapshot_id))
+            self.conn.execute(self._q(
+                "UPDATE {schema}.snapshot SET last_key = %s, chunks = chunks + 1, "
+                "rows = rows + %s, status = 'running', error = NULL, updated_at = now() "
+                "WHERE snapshot_id = %s"),
+                (list(last_key) if last_key is not None else None, rows, snapshot_id))
 
     def finish(self, snapshot_id: int, status: str = "done", error: str | None = None) -> None:
         self.conn.execute(self._q(
@@ -188,13 +190,6 @@ class SnapshotStore:
         self.conn.execute(self._q(
             "UPDATE {schema}.snapshot_chunk SET messages = %b, relation_id = %s "
             "WHERE chunk_id = %s"), (list(messages), relation_id, chunk_id))
-
-    def placed(self, chunk_id: int) -> int | None:
-        """Rows of the chunk placed in the stream (``None`` while its high mark is not met)."""
-        row = self.conn.execute(self._q(
-            "SELECT placed FROM {schema}.snapshot_chunk WHERE chunk_id = %s"),
-            (chunk_id,)).fetchone()
-        return None if row is None or row[0] is None else int(row[0])
 
     # -- chunks (puller side) ----------------------------------------------------------------
 
@@ -235,10 +230,8 @@ class SnapshotStore:
         for relation_id, op, message in rows:
             if op == "T":
                 return keys, True
-            rel = self.state.relation(int(relation_id))
-            names = [c.name for c in rel.columns]
             try:
-                idx = [names.index(k) for k in chunk.key_names]
+                idx = key_positions(self.state.relation(int(relation_id)), chunk.key_names)
             except ValueError:
                 return keys, True  # a key column was renamed or dropped: trust nothing
             msg = decode_message(bytes(message))

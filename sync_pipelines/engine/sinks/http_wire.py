@@ -133,9 +133,7 @@ class Response:
     retry_after: str | None
     """The ``Retry-After`` header, raw."""
     body: bytes
-    """The first ``keep`` bytes of the body."""
-    body_bytes: int
-    """Body bytes read (at most the cap: a longer body ends the connection)."""
+    """The first ``keep`` bytes of the body (a body over the cap ends the connection)."""
 
 
 class _Protocol(asyncio.Protocol):
@@ -223,7 +221,7 @@ class _Protocol(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(Response(self._parser.get_status_code(), self._retry_after,
-                                       bytes(self._body), self._body_bytes))
+                                       bytes(self._body)))
         if close:
             self._abort(None)
 
