@@ -33,11 +33,11 @@ import psycopg
 from psycopg import sql
 from psycopg.types.string import TextLoader
 
-from .errors import SourceConfigError
+from .errors import SnapshotBusyError, SourceConfigError
 from .faults import NO_FAULTS, Faults
 from .mapping import TableMapper
 from .pgoutput import Relation, encode_delete, encode_update
-from .snapshots import PREFIX, SnapshotKind, SnapshotStore, watermark
+from .snapshots import PREFIX, SnapshotKind, SnapshotStore, watermark, worker_lock
 from .source import connect_text, describe_relation
 from .spec import PipelineSpec
 from .state import StateStore
@@ -170,6 +170,9 @@ class _Snapshot:
             estimate = self.reader.execute(
                 "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = %s",
                 (self.t.rel.relation_id,)).fetchone()
+        self.lock: str | None = None
+        if kind == "backfill":  # one backfill of a table at a time, across processes
+            self._take_lock(worker_lock(pipeline.name, table, kind, 0))
         running = self.store.running(pipeline.name, table, kind) if resume else None
         self.resumed = running is not None
         if running is not None:
@@ -178,13 +181,29 @@ class _Snapshot:
         else:
             self.info = self.store.start(pipeline.name, table, kind,
                                          int(estimate[0]) if estimate else None)
+        if self.lock is None:
+            self._take_lock(worker_lock(pipeline.name, table, kind, self.info.snapshot_id))
         self.started = time.monotonic()
         self.chunks = self.rows = 0
         self.total = self.info.rows
 
+    def _take_lock(self, name: str) -> None:
+        if not self.state.try_lock(name):
+            self.close()
+            raise SnapshotBusyError(
+                f"pipeline {self.pipeline.name!r}: a {self.kind} of {self.table} is already "
+                "running (another run or process holds it); wait for it to finish")
+        self.lock = name
+
     def close(self) -> None:
-        self.emitter.close()
-        self.reader.close()
+        try:
+            if self.lock is not None:
+                with contextlib.suppress(psycopg.Error):
+                    self.state.unlock(self.lock)
+                self.lock = None
+        finally:
+            self.emitter.close()
+            self.reader.close()
 
     def __enter__(self) -> _Snapshot:
         return self
@@ -270,11 +289,12 @@ def backfill_table(state: StateStore, pipeline: PipelineSpec, table: str, *,
 
 
 def repair_keys(state: StateStore, pipeline: PipelineSpec, table: str, keys: Sequence[Key], *,
-                chunk_rows: int = 1_000, wait_s: float = 10.0, faults: Faults = NO_FAULTS
-                ) -> SnapshotReport:
-    """Emit the current source row of each key (a key the source no longer has: a delete)."""
-    snap = _Snapshot(state, pipeline, table, "repair", resume=False, wait_s=wait_s,
-                     faults=faults)
+                chunk_rows: int = 1_000, wait_s: float = 10.0, kind: SnapshotKind = "repair",
+                faults: Faults = NO_FAULTS) -> SnapshotReport:
+    """Emit the current source row of each key (a key the source no longer has: a delete).
+
+    ``kind`` tells reconciliation's repairs from refetches (:mod:`.refetch`) in the state."""
+    snap = _Snapshot(state, pipeline, table, kind, resume=False, wait_s=wait_s, faults=faults)
     todo = list(dict.fromkeys(tuple(k) for k in keys))
 
     def read_some(part: list[Key]) -> Callable[[_Table], tuple[list[bytes], Key | None]]:

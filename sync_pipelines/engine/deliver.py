@@ -18,15 +18,18 @@ step 4 is caught by step 2 (the batch is skipped). Memory is bounded by one batc
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 
 from .errors import TerminalDeliveryError, TransientDeliveryError
 from .faults import NO_FAULTS, Faults
 from .held import Failure, HeldChange, HeldStore, change_key
 from .mapping import Mapper, TargetOp
 from .pgoutput import format_lsn
-from .sinks.postgres import ApplyStats, PostgresSink
+from .refetch import RefetchStore, Request
+from .sinks.postgres import ApplyStats, Missing, PostgresSink
 from .spec import PipelineSpec
 from .state import BatchInfo, Position, StateStore, StoredChange, _decode_stored
 
@@ -113,6 +116,7 @@ def deliver(
         changes = n_held = n_dead = 0
         stats = ApplyStats()
         held = HeldStore(state, pipeline.name, target)
+        refetch = RefetchStore(state, pipeline.name)
         for batch in state.batches(pipeline.name, upto=upto_batch):
             if batch.last <= checkpoint:
                 skipped.append(batch.batch_id)
@@ -136,15 +140,17 @@ def deliver(
             bulk_ok = False
             if not blocked:
                 try:
-                    stats += sink.apply([op for *_, ops in mapped for op in ops],
-                                        through=batch.last, batch_id=batch.batch_id)
+                    stats += sink.apply(
+                        [op for *_, ops in mapped for op in ops], through=batch.last,
+                        batch_id=batch.batch_id,
+                        before_commit=partial(_ask_refetch, refetch, pipeline, target, batch.last))
                     bulk_ok = True
                 except TerminalDeliveryError:
                     pass  # some change is refused for good: find it, change by change
             if not bulk_ok:
                 b_stats, b_held, b_dead = _apply_isolating(
-                    state, held, sink, items if items is not None else _held_items(mapped),
-                    blocked, batch)
+                    state, pipeline, target, held, refetch, sink,
+                    items if items is not None else _held_items(mapped), blocked, batch)
                 stats, n_held, n_dead = stats + b_stats, n_held + b_held, n_dead + b_dead
             faults.hit("after_apply")
             state.record_delivered(pipeline.name, target, batch.last, batch.batch_id)
@@ -165,8 +171,23 @@ def _held_items(mapped: list[tuple[str, StoredChange, bytes, list[TargetOp]]]
             for table, ch, message, ops in mapped]
 
 
+def _ask_refetch(refetch: RefetchStore, pipeline: PipelineSpec, target: str, at: Position,
+                 missing: list[Missing]) -> None:
+    refetch.request(_refetches(pipeline, target, ((at, m) for m in missing)))
+
+
+def _refetches(pipeline: PipelineSpec, target: str,
+               missing: Iterable[tuple[Position, Missing]]) -> list[Request]:
+    """Re-read requests for keys partial upserts found missing in the target."""
+    return [Request(target, pos, pipeline.source_table_of(table), tuple(key),
+                    f"an update without its unchanged large values for a key target "
+                    f"{target!r} does not have")
+            for pos, (table, key) in missing]
+
+
 def _apply_isolating(
-    state: StateStore, held: HeldStore, sink: PostgresSink,
+    state: StateStore, pipeline: PipelineSpec, target: str, held: HeldStore,
+    refetch: RefetchStore, sink: PostgresSink,
     items: list[tuple[HeldChange, list[TargetOp]]], blocked: set[str], batch: BatchInfo,
 ) -> tuple[ApplyStats, int, int]:
     """Apply a batch change by change: changes of blocked keys park behind what blocks them,
@@ -179,9 +200,11 @@ def _apply_isolating(
     live = [(hc, ops) for hc, ops in items if hc.key not in blocked]
     dead = 0
 
-    def record(failures: dict[int, str]) -> None:
+    def record(failures: dict[int, str], missing: list[tuple[int, Missing]]) -> None:
         nonlocal dead
         with state.conn.transaction():
+            refetch.request(_refetches(pipeline, target,
+                                       ((live[i][0].position, m) for i, m in missing)))
             held.hold(parked)
             for i, error in failures.items():
                 head = live[i][0]
@@ -224,8 +247,11 @@ def sweep_postgres(
                 if tm is not None:
                     sink.prepare(tm, ch.relation_id)
                 entries.append((hc, mapper.map(ch) if tm is not None else []))
-        stats, failures = sink.apply_isolated([(hc.key, ops) for hc, ops in entries],
-                                              checkpoint=None, before_commit=lambda _: None)
+        refetch = RefetchStore(state, pipeline.name)
+        stats, failures = sink.apply_isolated(
+            [(hc.key, ops) for hc, ops in entries], checkpoint=None,
+            before_commit=lambda _, missing: refetch.request(_refetches(
+                pipeline, target, ((entries[i][0].position, m) for i, m in missing))))
         heads = {entries[i][0].key: i for i in failures}
         delivered = dead = 0
         with state.conn.transaction():

@@ -30,11 +30,12 @@ from datetime import datetime, timezone
 from .deliver import DeliveryReport, SweepReport, _before, _wait_for_lock
 from .faults import NO_FAULTS, Faults
 from .held import Failure, HeldChange, HeldStore, backoff, change_key, due_at
-from .mapping import Delete, Mapper, Truncate
+from .mapping import Delete, Mapper, Truncate, Upsert
+from .refetch import RefetchStore, Request
 from .sinks.http import Endpoint, HttpChange, HttpOutcome, HttpSink, http_change
 from .sinks.postgres import ApplyStats
 from .spec import HttpTargetSpec, PipelineSpec
-from .state import BatchInfo, StateStore, StoredChange, _decode_stored
+from .state import BatchInfo, Position, StateStore, StoredChange, _decode_stored
 
 WINDOW_CHANGES = 10_000
 """Staged changes sent in one :meth:`HttpSink.send` call, across batches. Each call waits for
@@ -52,6 +53,9 @@ class _Item:
     requests: list[tuple[int, HttpChange]] = field(default_factory=list)  # (sub, request)
     failure: Failure | None = None
     parked: bool = False
+    refetch: list[Request] = field(default_factory=list)
+    """Partial upserts (unchanged large values left out): not sent, as an API cannot merge
+    them into its record; the row is re-read from the source once the change is done."""
 
 
 class _Requests:
@@ -78,6 +82,12 @@ class _Requests:
         item = _Item(change)
         upsert, delete = self.endpoints[tm.source_table]
         for sub, op in enumerate(ops):
+            if isinstance(op, Upsert) and op.partial:
+                item.refetch.append(Request(
+                    self.target, ch.position, tm.source_table, op.key,
+                    f"an update without its unchanged large values cannot be sent to target "
+                    f"{self.target!r} as a whole record"))
+                continue
             if isinstance(op, Truncate) or (isinstance(op, Delete) and delete is None):
                 what = "TRUNCATE" if isinstance(op, Truncate) else "a delete (no `delete:` set)"
                 item.failure = Failure(False, None, f"{what} of {op.table} cannot be sent to "
@@ -169,10 +179,11 @@ def deliver_http(
     _wait_for_lock(state, lock, lock_timeout_s)
     try:
         held = HeldStore(state, pipeline.name, target)
+        refetch = RefetchStore(state, pipeline.name)
         builder = _Requests(state, pipeline, target)
         policy = pipeline.policy.retry
         delivered = state.delivered(pipeline.name, target)
-        done_batches, changes, n_held, n_dead = [], 0, 0, 0
+        done_batches, changes, n_held, n_dead, n_refetch = [], 0, 0, 0, 0
         upserts = deletes = 0
         pending = [b for b in state.batches(pipeline.name, upto=upto_batch)
                    if b.last > delivered]
@@ -198,17 +209,20 @@ def deliver_http(
                 # finished changes would be trimmed at the end of this transaction anyway.
                 held.record_delivered((it.change.position, sub, out.status)
                                       for it, sub, out in sent if out.ok and it.failure)
+                staying: set[Position] = set()  # held or dead: re-read once they are done
                 for key_items in by_key.values():
                     parked = [it for it in key_items if it.parked]
                     if parked:  # the key was blocked before this window: wait behind it
                         held.hold(it.change for it in parked)
                         n_held += len(parked)
+                        staying.update(it.change.position for it in parked)
                     live = [it for it in key_items if not it.parked]
                     first_bad = next((i for i, it in enumerate(live) if it.failure), None)
                     if first_bad is None:
                         continue
                     head, rest = live[first_bad], live[first_bad + 1:]
                     chain = [head.change, *(it.change for it in rest)]
+                    staying.update(c.position for c in chain)
                     assert head.failure is not None
                     if head.failure.transient and policy.max_attempts > 1:
                         at = due_at(backoff(policy, 1, head.failure.retry_after_s))
@@ -218,6 +232,8 @@ def deliver_http(
                     else:
                         held.kill(chain, head.failure, attempts=1)
                         n_dead += len(chain)
+                n_refetch += refetch.request(r for it in items if it.change.position
+                                             not in staying for r in it.refetch)
                 state.record_delivered(pipeline.name, target, last.last, last.batch_id)
                 held.trim_ledger(last.last)
             faults.hit("after_record")
@@ -227,7 +243,8 @@ def deliver_http(
             upserts += sum(1 for it, _, out in sent if out.ok and it.change.op in "IU")
             deletes += sum(1 for it, _, out in sent if out.ok and it.change.op == "D")
         return DeliveryReport.of(pipeline.name, target, done_batches, changes,
-                                 ApplyStats(upserts=upserts, deletes=deletes), started,
+                                 ApplyStats(upserts=upserts, deletes=deletes,
+                                            refetch=n_refetch), started,
                                  held_changes=n_held, dead_letters=n_dead)
     finally:
         state.unlock(lock)
@@ -264,6 +281,7 @@ def sweep_http(
         faults.hit("after_send")
         by_key = _settle(items, sent, every_key=True)
         delivered = rescheduled = dead = 0
+        refetch = RefetchStore(state, pipeline.name)
         with state.conn.transaction():
             held.record_delivered((it.change.position, sub, out.status)
                                   for it, sub, out in sent if out.ok)
@@ -271,6 +289,7 @@ def sweep_http(
                 first_bad = next((i for i, it in enumerate(key_items) if it.failure), None)
                 ok = key_items if first_bad is None else key_items[:first_bad]
                 held.release(it.change.position for it in ok)
+                refetch.request(r for it in ok for r in it.refetch)
                 delivered += len(ok)
                 if first_bad is None:
                     continue

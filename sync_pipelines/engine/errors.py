@@ -11,6 +11,7 @@ can turn it into a clear failure message instead of a stack trace from deep insi
     │   ├── SourceConfigError    wal_level, missing table, primary key, replica identity
     │   └── SlotConflictError    the slot is in use or was advanced by someone else
     ├── StateError           the state database is unreachable or inconsistent
+    │   └── SnapshotBusyError    a backfill of the table is already running elsewhere
     └── DeliveryError        a change could not be applied to a target
         ├── TransientDeliveryError   retrying later may succeed (target down, serialization)
         └── TerminalDeliveryError    retrying cannot succeed (constraint violation, bad data)
@@ -59,6 +60,10 @@ class SourceUnavailableError(SourceError, Transient):
 
 class StateError(SyncError):
     """The state database is unreachable or its contents are inconsistent."""
+
+
+class SnapshotBusyError(StateError, Transient):
+    """A backfill (or other snapshot) of the same table is already running in another run."""
 
 
 class DeliveryError(SyncError):

@@ -25,9 +25,11 @@ Invariants:
 * **Bounded memory.** Fewer than ``2 × batch_size`` changes are held at once, however large
   the transaction: a transaction is staged in ``batch_size`` chunks as it is read.
 
-Snapshot rows (initial backfill, repair) enter here too: at a snapshot chunk's high watermark
-the puller stages the chunk's rows, minus the keys changed between its two watermarks, at the
-watermark's position (see :mod:`.snapshots`).
+Snapshot rows (initial backfill, repair, refetch) enter here too: at a snapshot chunk's high
+watermark the puller stages the chunk's rows, minus the keys changed between its two
+watermarks, at the watermark's position (see :mod:`.snapshots`). Before it peeks, a pull
+re-reads the rows delivery asked for because a change did not carry every value
+(see :mod:`.refetch`).
 
 A crash at any point leaves either the slot unmoved (changes re-peeked and skipped) or the
 slot moved past changes that are staged.
@@ -36,14 +38,16 @@ slot moved past changes that are staged.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import pgoutput as po
 from .errors import SlotConflictError
 from .faults import NO_FAULTS, Faults
 from .pgoutput import format_lsn
+from .refetch import RefetchReport, refetch_pending
 from .snapshots import SnapshotStore, key_positions, parse_watermark
-from .source import Source
+from .source import Source, with_primary_key
 from .spec import PipelineSpec
 from .state import BatchInfo, Position, StagedChange, StateStore
 
@@ -62,6 +66,8 @@ class PullReport:
     slot_lag_bytes: int = 0
     skipped: str | None = None
     stopped_by_demand: bool = False
+    refetch: RefetchReport = RefetchReport()
+    """Rows re-read from the source at the start of this pull (see :mod:`.refetch`)."""
     duration_s: float = 0.0
 
     @property
@@ -90,6 +96,9 @@ class _Puller:
     demand: int
     undelivered: int
     faults: Faults
+    primary_key: Callable[[int], frozenset[str]] = lambda oid: frozenset()
+    """A table's primary key, to key REPLICA IDENTITY FULL relations by (see
+    :func:`.source.with_primary_key`)."""
     relations: dict[int, int] = field(default_factory=dict)  # source oid → relation version
     buffer: list[StagedChange] = field(default_factory=list)
     batches: list[BatchInfo] = field(default_factory=list)
@@ -124,7 +133,10 @@ class _Puller:
                 self.flush()
         elif isinstance(msg, po.Relation):
             if msg.qualified_name in self.pipeline.tables:
-                self.relations[msg.relation_id] = self.state.relation_id(self.pipeline.name, msg)
+                rel = msg
+                if rel.replica_identity == "f":
+                    rel = with_primary_key(rel, self.primary_key(rel.relation_id))
+                self.relations[msg.relation_id] = self.state.relation_id(self.pipeline.name, rel)
         elif isinstance(msg, po.Truncate):
             for rid in msg.relation_ids:
                 self._take(rid, "T", b"")
@@ -231,18 +243,21 @@ def pull(
                 f"{format_lsn(st.advanced_lsn)}); changes in between were consumed elsewhere. "
                 "Stop the other consumer, then drop the slot and re-run the initial sync."
             )
+        # Rows delivery could not complete are re-read first, so this peek already meets
+        # their watermarks (see .refetch). Their few rows are not held to the demand budget.
+        refetched = refetch_pending(state, pipeline, faults=faults)
         undelivered = state.undelivered_changes(pipeline.name)
         demand = pipeline.policy.demand_budget - undelivered
         if demand <= 0:
             return PullReport(
                 pipeline.name, 0, undelivered, slot_lag_bytes=slot.lag_bytes,
                 skipped=f"demand is zero: {undelivered} changes staged and not yet delivered "
-                f"(budget {pipeline.policy.demand_budget})",
+                f"(budget {pipeline.policy.demand_budget})", refetch=refetched,
                 duration_s=time.monotonic() - started,
             )
         flush_before = source.flush_lsn()
         puller = _Puller(pipeline, state, SnapshotStore(state), st.staged, demand, undelivered,
-                         faults)
+                         faults, source.primary_key)
         rows = 0
         # `upto_nchanges` counts protocol rows, not changes: a one-change transaction is three
         # (BEGIN, change, COMMIT). Ask for enough rows to fill the demand; the puller itself
@@ -276,7 +291,8 @@ def pull(
             pipeline.name, demand, undelivered, tuple(puller.batches), puller.taken,
             puller.transactions, advanced, slot.lag_bytes,
             skipped=None if puller.taken else "no new changes in the slot",
-            stopped_by_demand=puller.stopped, duration_s=time.monotonic() - started,
+            stopped_by_demand=puller.stopped, refetch=refetched,
+            duration_s=time.monotonic() - started,
         )
     finally:
         state.unlock(lock)

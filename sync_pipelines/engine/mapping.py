@@ -10,7 +10,9 @@ Semantics a user can rely on:
 * Values stay in PostgreSQL text format unless a cast, a derived field or the row filter needs
   them typed, so a Postgres → Postgres copy never changes a value's representation.
 * Unchanged TOAST columns (an UPDATE that did not touch a large value) are left out of the row
-  and the upsert is marked ``partial``: the target keeps the value it has.
+  and the upsert is marked ``partial`` (only when a left-out value feeds a target column): a
+  target that has the row keeps its value; one that has not, or cannot merge, asks for the row
+  to be re-read instead of writing a half row (see :mod:`.refetch`).
 * The row filter is applied to the new row: an INSERT that does not match is dropped, an
   UPDATE that stops matching becomes a DELETE of the key, a DELETE always deletes.
 * An UPDATE that changes the key becomes DELETE(old key) + UPSERT(new key).
@@ -178,6 +180,11 @@ class TableMapper:
             name: _template_fields(d.template)
             for name, d in self.derived if d.template is not None
         }
+        # Source columns whose values some target column is made of: a change that leaves one
+        # of these out (unchanged TOAST) maps to a partial row; others do not matter.
+        self.needs = frozenset(self._sent_idx) | {
+            index[d.column] for _, d in self.derived if d.column is not None} | {
+            index[f] for fields in self.template_fields.values() for f in fields}
         self.columns: list[TargetColumn] = []
         for i, target_name in self.sent:
             col = rel.columns[i]
@@ -336,6 +343,6 @@ class Mapper:
             if ch.op == "U":
                 ops.append(Delete(tm.target_table, key, pos))
             return ops
-        ops.append(Upsert(tm.target_table, key, tm.row(ch.new_values, unchanged),
-                          bool(unchanged), pos))
+        partial = bool(unchanged) and not unchanged.isdisjoint(tm.needs)
+        ops.append(Upsert(tm.target_table, key, tm.row(ch.new_values, unchanged), partial, pos))
         return ops

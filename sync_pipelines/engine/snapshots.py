@@ -45,7 +45,20 @@ PREFIX = "sync_pipelines.snapshot"
 """Prefix of our logical decoding messages; other prefixes are ignored."""
 
 Mark = Literal["low", "high"]
-SnapshotKind = Literal["backfill", "repair"]
+SnapshotKind = Literal["backfill", "repair", "refetch"]
+"""``backfill``: a whole table (resumable); ``repair``: keys reconciliation found drifted;
+``refetch``: rows whose values the stream did not carry (see :mod:`.refetch`)."""
+
+
+def worker_lock(pipeline: str, table: str, kind: str, snapshot_id: int) -> str:
+    """The advisory lock a snapshot's worker holds on its state connection while it runs.
+
+    A backfill's lock is per table, so two backfills of one table never run at once; others
+    are per snapshot. A worker that dies loses its connection and with it the lock, which is
+    how a snapshot left ``running`` is told from one in progress."""
+    if kind == "backfill":
+        return f"snapshot:{pipeline}:{table}:backfill"
+    return f"snapshot:{snapshot_id}"
 
 
 def watermark(pipeline: str, chunk_id: int, mark: Mark) -> str:
@@ -164,6 +177,30 @@ class SnapshotStore:
             "UPDATE {schema}.snapshot SET status = %s, error = %s, updated_at = now(), "
             "finished_at = CASE WHEN %s = 'done' THEN now() END WHERE snapshot_id = %s"),
             (status, error, status, snapshot_id))
+
+    def alive(self, info: SnapshotInfo) -> bool:
+        """Whether the snapshot's worker is running (it holds its :func:`worker_lock`)."""
+        name = worker_lock(info.pipeline, info.table, info.kind, info.snapshot_id)
+        if not self.state.try_lock(name):
+            return True
+        self.state.unlock(name)
+        return False
+
+    def abandon_dead_chunks(self, pipeline: str) -> int:
+        """Abandon unrecorded chunks of snapshots whose worker is gone (it died between a low
+        watermark and recording the chunk): nothing will place them, and an open chunk keeps
+        staged changes from being collected. A backfill reads those keys again when resumed;
+        a refetch keeps its requests until it completes; a repair is found again by the next
+        reconciliation."""
+        rows = self.conn.execute(self._q(
+            "SELECT {cols} FROM {schema}.snapshot WHERE snapshot_id IN (SELECT snapshot_id "
+            "FROM {schema}.snapshot_chunk WHERE pipeline = %s AND NOT emitted "
+            "AND NOT abandoned)"), (pipeline,)).fetchall()
+        n = 0
+        for info in map(_info, rows):
+            if not self.alive(info):
+                n += self.abandon_unrecorded(info.snapshot_id)
+        return n
 
     def abandon_unrecorded(self, snapshot_id: int) -> int:
         """Chunks of this snapshot the worker did not record as emitted (it died before or just

@@ -14,6 +14,7 @@ besides the publication, the slot and the slot's position.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class Source:
         # pgoutput renders values with this session's output settings: pin them, so the
         # text a target parses never depends on a server's or a role's defaults.
         self.conn.execute(TEXT_FORMAT_SETTINGS)
+        self._primary_keys: dict[int, frozenset[str]] = {}
 
     def close(self) -> None:
         self.conn.close()
@@ -232,6 +234,12 @@ class Source:
         except psycopg.errors.UndefinedObject as err:
             raise SourceConfigError(f"{self._where}: {_first_line(err)}") from None
 
+    def primary_key(self, relation_oid: int) -> frozenset[str]:
+        """The table's primary key columns (cached; may run while a peek is open)."""
+        if relation_oid not in self._primary_keys:
+            self._primary_keys[relation_oid] = primary_key(self.conn, relation_oid)
+        return self._primary_keys[relation_oid]
+
     def advance(self, lsn: int) -> int:
         """Move the slot's confirmed position to ``lsn``; returns where it ended up."""
         try:
@@ -269,10 +277,13 @@ def describe_relation(conn: psycopg.Connection[Any], table: str) -> Relation:
         raise SourceConfigError(f"table {table} does not exist")
     oid, ident = int(row[0]), row[1]
     ident = ident.decode() if isinstance(ident, bytes) else str(ident)
+    # Key flags as pgoutput sets them, except for REPLICA IDENTITY FULL, where every column is
+    # flagged: then the primary key, if there is one, is the key (see with_primary_key).
     cols = conn.execute(
         """
         SELECT a.attname, a.atttypid::int, a.atttypmod,
-               coalesce(a.attnum = ANY(i.indkey), false) OR %s = 'f'
+               CASE WHEN %s = 'f' THEN coalesce(a.attnum = ANY(i.indkey), i.indkey IS NULL)
+                    ELSE coalesce(a.attnum = ANY(i.indkey), false) END
         FROM pg_attribute a
         LEFT JOIN pg_index i ON i.indrelid = a.attrelid
              AND (CASE WHEN %s = 'i' THEN i.indisreplident ELSE i.indisprimary END)
@@ -284,3 +295,24 @@ def describe_relation(conn: psycopg.Connection[Any], table: str) -> Relation:
     namespace, name = table.split(".")
     return Relation(oid, namespace, name, ident,
                     tuple(Column(n, t, m, bool(k)) for n, t, m, k in cols))
+
+
+def primary_key(conn: psycopg.Connection[Any], relation_oid: int) -> frozenset[str]:
+    """The primary key columns of a table (empty if it has none)."""
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+        "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = %s AND i.indisprimary",
+        (relation_oid,)).fetchall()
+    return frozenset(r[0] for r in rows)
+
+
+def with_primary_key(rel: Relation, pk: frozenset[str]) -> Relation:
+    """``rel`` keyed by its primary key when it has REPLICA IDENTITY FULL and a primary key.
+
+    pgoutput flags every column of a FULL relation as part of the identity; keying the target
+    by all of them would be wrong (and a large column cannot be in an index). Other relations,
+    and FULL ones without a primary key (their key comes from the spec), stay as they are."""
+    if rel.replica_identity != "f" or not pk:
+        return rel
+    return dataclasses.replace(rel, columns=tuple(
+        dataclasses.replace(c, is_key=c.name in pk) for c in rel.columns))

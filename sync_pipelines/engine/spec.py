@@ -432,6 +432,25 @@ class PipelineSpec(_Model):
                                      "that are not under the pipeline's `tables:`")
         return self
 
+    @model_validator(mode="after")
+    def _one_source_per_target_table(self) -> PipelineSpec:
+        seen: dict[str, str] = {}
+        for table, mapping in self.tables.items():
+            target_table = mapping.target_table or table
+            if target_table in seen:
+                # Their keys would collide, and a TRUNCATE of one would empty the other's rows.
+                raise ValueError(f"tables {seen[target_table]} and {table} both map to target "
+                                 f"table {target_table}; give one of them another target_table")
+            seen[target_table] = table
+        return self
+
+    def source_table_of(self, target_table: str) -> str:
+        """The source table a target table is fed from (one each, by validation)."""
+        for table, mapping in self.tables.items():
+            if (mapping.target_table or table) == target_table:
+                return table
+        raise KeyError(f"pipeline {self.name!r}: no table maps to {target_table}")
+
     @property
     def slot(self) -> str:
         return self.source.slot or f"sync_{self.name}"

@@ -205,6 +205,22 @@ MIGRATIONS: list[str] = [
     CREATE INDEX snapshot_chunk_open ON {schema}.snapshot_chunk (pipeline, low_lsn)
         WHERE NOT abandoned;
     """,
+    # 4: rows to re-read from the source because a change did not carry every value and the
+    # target had no copy to take the rest from; see refetch.py.
+    """
+    CREATE TABLE {schema}.refetch (
+        pipeline     text NOT NULL,
+        target       text NOT NULL,
+        commit_lsn   bigint NOT NULL,
+        seq          integer NOT NULL,
+        table_name   text NOT NULL,
+        key          text[] NOT NULL,
+        reason       text NOT NULL,
+        requested_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (pipeline, target, commit_lsn, seq, table_name, key)
+    );
+    CREATE INDEX refetch_by_age ON {schema}.refetch (pipeline, requested_at);
+    """,
 ]
 
 # Column order of a staged change row as written by COPY (after pipeline and batch_id).
@@ -606,6 +622,13 @@ def _decode_stored(commit_lsn: int, seq: int, batch_id: int, relation_id: int, o
     elif isinstance(msg, Update):
         new, unchanged = _values(msg.new)
         old = _values(msg.old)[0] if msg.old is not None else None
+        if unchanged and msg.old is not None and not msg.old_is_key:
+            # REPLICA IDENTITY FULL: the old row carries (detoasted) the values the new row
+            # left out as unchanged, so the stream did carry them after all.
+            for i in unchanged:
+                if msg.old[i] is not UNCHANGED_TOAST:
+                    new[i] = msg.old[i]  # type: ignore[assignment]
+            unchanged = [i for i in unchanged if msg.old[i] is UNCHANGED_TOAST] or None
     elif isinstance(msg, Delete):
         old = _values(msg.old)[0]
     else:

@@ -19,6 +19,7 @@ errors are terminal and name the table and constraint.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,12 +39,29 @@ from ..state import START, Position
 @dataclass(frozen=True)
 class ApplyStats:
     upserts: int = 0
+    """Rows written (or found identical, see ``unchanged``)."""
     deletes: int = 0
     truncates: int = 0
+    unchanged: int = 0
+    """Upserts of a row the target already had exactly (not rewritten)."""
+    refetch: int = 0
+    """Partial upserts for a key the target does not have: not written, the row is re-read
+    from the source instead (see :mod:`..refetch`)."""
 
     def __add__(self, other: ApplyStats) -> ApplyStats:
         return ApplyStats(self.upserts + other.upserts, self.deletes + other.deletes,
-                          self.truncates + other.truncates)
+                          self.truncates + other.truncates, self.unchanged + other.unchanged,
+                          self.refetch + other.refetch)
+
+
+Missing = tuple[str, tuple[Any, ...]]
+"""A key a partial upsert found missing in the target: ``(target table, key values)``."""
+
+# Types whose equality means "the same text": for the rest (numeric 1.0 = 1.00, jsonb, citext,
+# json without any equality...) "is this row already there?" compares the text form.
+_EXACT_EQUALITY = re.compile(
+    r"^(smallint|integer|bigint|boolean|uuid|date|text|bytea|character varying(\(\d+\))?"
+    r"|character(\(\d+\))?|timestamp(\(\d\))? with(out)? time zone)(\[\])?$")
 
 
 def _ident(qualified: str) -> sql.Identifier:
@@ -186,28 +204,40 @@ class PostgresSink:
 
     # -- apply -------------------------------------------------------------------------------
 
-    def apply(self, ops: list[TargetOp], *, through: Position, batch_id: int) -> ApplyStats:
-        """Apply a batch's operations and move the checkpoint to ``through``, atomically."""
+    def apply(self, ops: list[TargetOp], *, through: Position, batch_id: int,
+              before_commit: Callable[[list[Missing]], object] | None = None) -> ApplyStats:
+        """Apply a batch's operations and move the checkpoint to ``through``, atomically.
+
+        A partial upsert (unchanged TOAST values left out) updates the columns it carries; for
+        a key the target does not have it writes nothing, and ``before_commit(missing)`` gets
+        those keys before the target commits, so the caller can durably ask for the rows to be
+        re-read (a crash in between replays the batch and asks again, idempotently)."""
         with self._errors(f"applying batch {batch_id}"), self.conn.transaction():
-            stats = self._apply_ops(ops)
+            stats, missing = self._apply_ops(ops)
             self._write_checkpoint(through, batch_id)
+            if before_commit is not None and missing:
+                before_commit(missing)
         return stats
 
     def apply_isolated(
         self, changes: Sequence[tuple[str, list[TargetOp]]], *,
-        checkpoint: tuple[Position, int] | None, before_commit: Callable[[dict[int, str]], None],
+        checkpoint: tuple[Position, int] | None,
+        before_commit: Callable[[dict[int, str], list[tuple[int, Missing]]], object],
     ) -> tuple[ApplyStats, dict[int, str]]:
         """Apply changes one by one, each in a savepoint, in one target transaction.
 
         ``changes`` are ``(key, ops)`` in stream order. A change the target rejects for good
         (constraint or data error) is rolled back alone and every later change of its key is
         skipped; other keys go on. Returns the stats and ``{index: error}`` of the rejected
-        *heads*. ``before_commit(failures)`` runs before the target commits, so the caller can
-        record dead letters durably first (a crash in between replays the batch, and recording
-        is idempotent). Transient errors abort the whole transaction as in :meth:`apply`.
+        *heads*. ``before_commit(failures, missing)`` runs before the target commits, so the
+        caller can record dead letters and re-reads (``(index, missing key)`` of partial
+        upserts for keys the target lacks, see :meth:`apply`) durably first (a crash in between
+        replays the batch, and recording is idempotent). Transient errors abort the whole
+        transaction as in :meth:`apply`.
         """
         stats = ApplyStats()
         failures: dict[int, str] = {}
+        missing: list[tuple[int, Missing]] = []
         failed_keys: set[str] = set()
         with self._errors("applying changes one by one"), self.conn.transaction():
             for i, (key, ops) in enumerate(changes):
@@ -215,19 +245,23 @@ class PostgresSink:
                     continue
                 try:
                     with self.conn.transaction():  # a savepoint
-                        stats += self._apply_ops(ops, clear_temps=True)
+                        one, gone = self._apply_ops(ops, clear_temps=True)
+                    stats += one
+                    missing.extend((i, m) for m in gone)
                 except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as err:
                     failures[i] = f"{self._where}: {describe_error(err)}"
                     failed_keys.add(key)
                     self._temps.clear()  # any created in the rolled-back savepoint are gone
             if checkpoint is not None:
                 self._write_checkpoint(*checkpoint)
-            before_commit(failures)
+            before_commit(failures, missing)
         return stats, failures
 
-    def _apply_ops(self, ops: list[TargetOp], *, clear_temps: bool = False) -> ApplyStats:
+    def _apply_ops(self, ops: list[TargetOp], *, clear_temps: bool = False
+                   ) -> tuple[ApplyStats, list[Missing]]:
         tables = compact(ops)
         stats = ApplyStats()
+        missing: list[Missing] = []
         truncated = [t for t, o in tables.items() if o.truncate]
         if truncated:
             self.conn.execute(sql.SQL("TRUNCATE {}").format(
@@ -236,8 +270,10 @@ class PostgresSink:
         for table, t_ops in tables.items():
             stats += self._apply_deletes(table, t_ops, clear_temps)
         for table, t_ops in tables.items():
-            stats += self._apply_upserts(table, t_ops, clear_temps)
-        return stats
+            t_stats, t_missing = self._apply_upserts(table, t_ops, clear_temps)
+            stats += t_stats
+            missing.extend(t_missing)
+        return stats, missing
 
     def _write_checkpoint(self, through: Position, batch_id: int) -> None:
         self.conn.execute(
@@ -250,9 +286,14 @@ class PostgresSink:
             (self.pipeline, self.target, through.commit_lsn, through.seq, batch_id),
         )
 
-    def _temp_table(self, table: str, columns: list[str]) -> sql.Identifier:
-        """A session temp table shaped like ``table``'s ``columns``, emptied at each commit."""
-        name = "_sync_" + hashlib.sha1(f"{table}|{'|'.join(columns)}".encode()).hexdigest()[:16]
+    def _temp_table(self, table: str, columns: list[str], purpose: str) -> sql.Identifier:
+        """A session temp table shaped like ``table``'s ``columns``, emptied at each commit.
+
+        One per purpose (deletes, whole rows, partial rows) and shape, so two statements of one
+        transaction never read each other's rows (a table made only of key columns has deletes
+        and upserts of the same shape)."""
+        name = "_sync_" + hashlib.sha1(
+            f"{purpose}|{table}|{'|'.join(columns)}".encode()).hexdigest()[:16]
         if name not in self._temps:
             self.conn.execute(sql.SQL(
                 "CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS "
@@ -290,7 +331,7 @@ class PostgresSink:
         if not deletes:
             return ApplyStats()
         keys = self._keys[table]
-        temp = self._temp_table(table, keys)
+        temp = self._temp_table(table, keys, "delete")
         self._copy(temp, keys, [d.key for d in deletes])
         self.conn.execute(sql.SQL("DELETE FROM {} t USING {} d WHERE {}").format(
             _ident(table), temp, sql.SQL(" AND ").join(
@@ -300,31 +341,75 @@ class PostgresSink:
         return ApplyStats(deletes=len(deletes))
 
     def _apply_upserts(self, table: str, t_ops: TableOps, clear_temps: bool = False
-                       ) -> ApplyStats:
+                       ) -> tuple[ApplyStats, list[Missing]]:
         upserts = t_ops.upserts
         if not upserts:
-            return ApplyStats()
+            return ApplyStats(), []
         keys = self._keys[table]
         # Rows missing unchanged-TOAST columns have a different shape: one statement per shape.
-        shapes: dict[tuple[str, ...], list[Upsert]] = {}
+        shapes: dict[tuple[tuple[str, ...], bool], list[Upsert]] = {}
         for u in upserts:
-            shapes.setdefault(tuple(u.row), []).append(u)
-        for columns, group in shapes.items():
+            shapes.setdefault((tuple(u.row), u.partial), []).append(u)
+        unchanged = 0
+        missing: list[Missing] = []
+        for (columns, partial), group in shapes.items():
             cols = list(columns)
-            temp = self._temp_table(table, cols)
+            temp = self._temp_table(table, cols, "partial" if partial else "upsert")
             self._copy(temp, cols, self._copy_rows(table, cols, group))
-            col_list = sql.SQL(", ").join(map(sql.Identifier, cols))
-            updates = [c for c in cols if c not in keys]
-            action = sql.SQL("DO NOTHING") if not updates else sql.SQL("DO UPDATE SET {}").format(
-                sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c))
-                                   for c in updates))
-            self.conn.execute(sql.SQL(
-                "INSERT INTO {t} ({cols}) SELECT {cols} FROM {tmp} ON CONFLICT ({keys}) {action}"
-            ).format(t=_ident(table), cols=col_list, tmp=temp,
-                     keys=sql.SQL(", ").join(map(sql.Identifier, keys)), action=action))
+            if partial:
+                missing.extend(self._update_partial(table, temp, cols, keys))
+            else:
+                unchanged += len(group) - self._upsert_full(table, temp, cols, keys)
             if clear_temps:
                 self.conn.execute(sql.SQL("TRUNCATE {}").format(temp))
-        return ApplyStats(upserts=len(upserts))
+        return ApplyStats(upserts=len(upserts) - len(missing), unchanged=unchanged,
+                          refetch=len(missing)), missing
+
+    def _upsert_full(self, table: str, temp: sql.Identifier, cols: list[str],
+                     keys: list[str]) -> int:
+        """Insert or update whole rows; a row the target already has exactly is not rewritten
+        (no new row version, no WAL: a backfill under live writes re-sends many such rows).
+        Returns the rows written."""
+        col_list = sql.SQL(", ").join(map(sql.Identifier, cols))
+        updates = [c for c in cols if c not in keys]
+        action: sql.Composable
+        if not updates:
+            action = sql.SQL("DO NOTHING")
+        else:
+            types = self._load_columns(table) or {}
+
+            def side(alias: str) -> sql.Composable:
+                return sql.SQL(", ").join(
+                    sql.SQL("{}.{}" if _EXACT_EQUALITY.match(types.get(c, "")) else "{}.{}::text"
+                            ).format(sql.Identifier(alias), sql.Identifier(c)) for c in updates)
+
+            action = sql.SQL("DO UPDATE SET {} WHERE ROW({}) IS DISTINCT FROM ROW({})").format(
+                sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c))
+                                   for c in updates), side("t"), side("excluded"))
+        cur = self.conn.execute(sql.SQL(
+            "INSERT INTO {t} AS t ({cols}) SELECT {cols} FROM {tmp} ON CONFLICT ({keys}) {action}"
+        ).format(t=_ident(table), cols=col_list, tmp=temp,
+                 keys=sql.SQL(", ").join(map(sql.Identifier, keys)), action=action))
+        return max(cur.rowcount, 0)
+
+    def _update_partial(self, table: str, temp: sql.Identifier, cols: list[str],
+                        keys: list[str]) -> list[Missing]:
+        """Update the columns partial rows carry; the target keeps its own value of the rest.
+        Returns the keys the target does not have (nothing is written for them: an INSERT
+        would leave the values the stream did not carry NULL)."""
+        match = sql.SQL(" AND ").join(sql.SQL("t.{k} = s.{k}").format(k=sql.Identifier(k))
+                                      for k in keys)
+        updates = [c for c in cols if c not in keys]
+        if updates:
+            self.conn.execute(sql.SQL("UPDATE {t} t SET {sets} FROM {tmp} s WHERE {match}").format(
+                t=_ident(table), tmp=temp, match=match, sets=sql.SQL(", ").join(
+                    sql.SQL("{c} = s.{c}").format(c=sql.Identifier(c)) for c in updates)))
+        gone = self.conn.execute(sql.SQL(
+            "SELECT {keys} FROM {tmp} s WHERE NOT EXISTS (SELECT 1 FROM {t} t WHERE {match})"
+        ).format(keys=sql.SQL(", ").join(sql.SQL("s.{}::text").format(sql.Identifier(k))
+                                         for k in keys),
+                 tmp=temp, t=_ident(table), match=match)).fetchall()
+        return [(table, tuple(r)) for r in gone]
 
     # -- errors ------------------------------------------------------------------------------
 
