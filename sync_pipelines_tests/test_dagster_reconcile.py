@@ -10,6 +10,8 @@ plays the replication sensor and the delivery runs (pull + deliver) while jobs r
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -110,6 +112,59 @@ def test_initial_backfill_sensor_then_job_bring_existing_rows(
     pull_pipeline(load_spec(str(spec)), "crm")
     deliver_pipeline(load_spec(str(spec)), "crm")
     assert isinstance(tick(), dg.SkipReason)  # launched once
+    assert_tables_equal(source_dsn, target_dsn, "accounts", columns="id, v", key="id")
+
+
+def test_initial_backfill_runs_once_and_a_killed_run_is_resumed(
+        tmp_path, monkeypatch, source_dsn, target_dsn, state_dsn,
+        dagster_instance: dg.DagsterInstance):
+    execute(source_dsn, "CREATE TABLE accounts (id int PRIMARY KEY, name text, v int)",
+            "INSERT INTO accounts SELECT g, 'a' || g, g FROM generate_series(1, 7000) g")
+    spec = write_spec(tmp_path, monkeypatch, source_dsn, target_dsn, state_dsn)
+    defs = build_definitions(str(spec))
+    sensor = defs.get_sensor_def("crm_initial_backfill_sensor")
+    job = defs.resolve_job_def("crm_backfill_job")
+
+    def tick() -> object:
+        with dg.build_sensor_context(instance=dagster_instance,
+                                     resources=resources(spec)) as ctx:
+            return sensor(ctx)
+
+    pull_pipeline(load_spec(str(spec)), "crm")
+    first = tick()
+    assert isinstance(first, dg.RunRequest)
+    # A run of the job waits in the queue: nothing new is asked for meanwhile.
+    queued = dagster_instance.create_run_for_job(job, run_config=first.run_config)
+    assert "queued or starting" in str(tick())
+    dagster_instance.report_run_canceled(queued)
+    # The run is going (its worker holds the table's lock), three chunks in: nothing new.
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "sync_pipelines_tests.support.backfill_worker", str(spec),
+         "crm", "3"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == "stalled"
+        skip = tick()
+        assert isinstance(skip, dg.SkipReason) and "is running" in str(skip), skip
+    finally:
+        worker.kill()  # the run's process is lost: its snapshot stays "running"
+        worker.wait(30)
+    resume = tick()
+    assert isinstance(resume, dg.RunRequest), resume
+    assert resume.run_key != first.run_key
+    config = resume.run_config["ops"]["sync__crm__backfill"]["config"]
+    assert config == {"tables": ["public.accounts"], "restart": False}
+    with pipeline_running(load_spec(str(spec))):
+        result = job.execute_in_process(instance=dagster_instance,
+                                        run_config=resume.run_config, resources=resources(spec))
+        assert result.success
+        [mat] = result.asset_materializations_for_node("sync__crm__backfill")
+        table = mat.metadata["tables"].value["public.accounts"]
+        # Resumed after the 3 chunks of 700 the first run had recorded: copied once.
+        assert (table["resumed"], table["rows_this_run"], table["rows_total"]) == (
+            True, 7000 - 2100, 7000)
+    pull_pipeline(load_spec(str(spec)), "crm")
+    deliver_pipeline(load_spec(str(spec)), "crm")
+    assert isinstance(tick(), dg.SkipReason)
     assert_tables_equal(source_dsn, target_dsn, "accounts", columns="id, v", key="id")
 
 

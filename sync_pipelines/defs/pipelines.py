@@ -93,6 +93,8 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
                     "upserts": r.stats.upserts,
                     "deletes": r.stats.deletes,
                     "truncates": r.stats.truncates,
+                    "unchanged_rows": r.stats.unchanged,
+                    "rows_to_reread": r.stats.refetch,
                     "lsn_range": r.lsn_range,
                     "duration_s": round(r.duration_s, 3),
                     "changes_per_s": round(r.changes_per_s, 1),
@@ -116,6 +118,9 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
             report = engine.pull_pipeline(spec, p)
         except SyncError as err:
             raise SyncStepFailed(str(err)) from None
+        if report.refetch.error:  # the stream goes on; the rows are asked for again next tick
+            context.log.warning(f"{p}: {report.refetch.pending} row(s) waiting to be re-read "
+                                f"from the source: {report.refetch.error}")
         if report.batches:
             batches = [b.batch_id for b in report.batches]
             engine.mark_requested(spec, p, batches)
@@ -156,6 +161,7 @@ def _batch_metadata(b: Any, report: Any) -> dict[str, Any]:
         "demand": report.demand,
         "undelivered_before": report.undelivered_before,
         "slot_lag_bytes": report.slot_lag_bytes,
+        "rows_reread": report.refetch.rows,
         "pull_duration_s": round(report.duration_s, 3),
     }
 

@@ -17,6 +17,7 @@ long backfill or reconciliation never holds up delivery (which they rely on).
 """
 
 
+import time
 from typing import Any
 
 import dagster as dg
@@ -56,6 +57,29 @@ class ReconcileConfig(dg.Config):
     """Source tables to compare; all if empty."""
     targets: list[str] = []
     """Targets to compare; all if empty."""
+
+
+_WAITING = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
+            dg.DagsterRunStatus.STARTING)
+STARTUP_GRACE_S = 120.0
+"""A backfill run this young counts as active even before its worker holds the table's lock;
+an older one that holds no lock has died (its process was killed: Dagster may still show it
+as started)."""
+
+
+def _backfill_run_active(instance: dg.DagsterInstance, job_name: str) -> str | None:
+    """Why a new backfill run must wait, if it must: one is queued or starting, or started
+    so recently that its worker may not have taken its lock yet."""
+    records = instance.get_run_records(dg.RunsFilter(
+        job_name=job_name, statuses=[*_WAITING, dg.DagsterRunStatus.STARTED]), limit=20)
+    now = time.time()
+    for r in records:
+        if r.dagster_run.status in _WAITING:
+            return f"backfill run {r.dagster_run.run_id[:8]} is queued or starting"
+        started = r.start_time or r.create_timestamp.timestamp()
+        if now - started < STARTUP_GRACE_S:
+            return f"backfill run {r.dagster_run.run_id[:8]} has just started"
+    return None
 
 
 def _fail(err: SyncError) -> dg.Failure:
@@ -207,20 +231,31 @@ def build_reconcile_defs(pipeline: PipelineSpec) -> dg.Definitions:
     @dg.sensor(name=f"{p}_initial_backfill_sensor", job=backfill_job,
                minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
                description=f"Launches {p}_backfill_job once for tables never backfilled, as "
-               "soon as the pipeline's slot exists (spec: initial_backfill).")
+               "soon as the pipeline's slot exists (spec: initial_backfill), and resumes a "
+               "backfill whose run died midway.")
     def initial_backfill(context: dg.SensorEvaluationContext, sync: SyncEngine):
         if not pipeline.initial_backfill:
             return dg.SkipReason("initial_backfill is off for this pipeline")
+        busy = _backfill_run_active(context.instance, backfill_job.name)
+        if busy:
+            return dg.SkipReason(busy)
         try:
-            tables = engine.tables_needing_backfill(sync.spec(), p)
+            plan = engine.backfill_plan(sync.spec(), p)
         except SyncError as err:
             return dg.SkipReason(f"cannot read the state database: {err}")
-        if not tables:
+        if plan.running:
+            return dg.SkipReason(f"a backfill of {', '.join(plan.running)} is running")
+        if not plan.tables:
             return dg.SkipReason("every table has been backfilled, or the slot does not exist "
                                  "yet (the replication sensor creates it)")
+        # One key per table and resume point: a table is launched once, and a backfill that
+        # died is resumed once per point it reached (a run that dies without progress is not
+        # relaunched in a loop; its failure is in the run history).
+        parts = [*plan.new, *(f"{s.table}@{s.snapshot_id}.{s.chunks}" for s in plan.unfinished)]
         return dg.RunRequest(
-            run_key=f"{p}-initial-backfill-{'+'.join(tables)}",
-            run_config={"ops": {backfill.op.name: {"config": {"tables": tables}}}},
+            run_key=f"{p}-initial-backfill-{'+'.join(parts)}",
+            run_config={"ops": {backfill.op.name: {"config": {"tables": plan.tables,
+                                                              "restart": False}}}},
             tags={MAINTENANCE_TAG: p})
 
     return dg.Definitions(assets=[backfill, reconciliation], jobs=[backfill_job, reconcile_job],

@@ -10,7 +10,7 @@ tests all go through them, so each exercises the same path:
   sensor can ask for it again;
 * :func:`sweep_pipeline`, :func:`resolve_dead_letters` — the retry schedule and the operator's
   dead-letter actions;
-* :func:`backfill_pipeline`, :func:`tables_needing_backfill` — rows that existed before the
+* :func:`backfill_pipeline`, :func:`backfill_plan` — rows that existed before the
   slot, read into the stream (see :mod:`.backfill`);
 * :func:`reconcile` — end-of-day drift check and repair (see :mod:`.reconciliation`).
 
@@ -34,7 +34,7 @@ from .ingest import PullReport, pull
 from .reconciliation import CatchUp, ReconcileReport, reconcile_pipeline
 from .sinks.http import HttpSink
 from .sinks.postgres import PostgresSink
-from .snapshots import SnapshotStore
+from .snapshots import SnapshotInfo, SnapshotStore
 from .source import Source
 from .spec import HttpTargetSpec, PipelineSpec, PostgresTargetSpec, SyncSpec
 from .state import BatchInfo, StateStore
@@ -201,16 +201,44 @@ def _tables(pipeline: PipelineSpec, tables: Sequence[str] | None) -> list[str]:
     return list(tables)
 
 
-def tables_needing_backfill(spec: SyncSpec, name: str) -> list[str]:
-    """Tables of the pipeline that were never backfilled (no snapshot of kind backfill); none
-    before the first pull has created the slot (watermarks written earlier would be lost)."""
+@dataclass(frozen=True)
+class BackfillPlan:
+    """Which tables of a pipeline an initial backfill should (re)start now."""
+
+    new: tuple[str, ...] = ()
+    """Tables never backfilled."""
+    unfinished: tuple[SnapshotInfo, ...] = ()
+    """Backfills left ``running`` or ``failed`` by a worker that is gone: resume them."""
+    running: tuple[str, ...] = ()
+    """Tables whose backfill worker is alive right now."""
+
+    @property
+    def tables(self) -> list[str]:
+        return [*self.new, *(s.table for s in self.unfinished)]
+
+
+def backfill_plan(spec: SyncSpec, name: str) -> BackfillPlan:
+    """Tables never backfilled, and backfills a dead worker left unfinished; nothing before the
+    first pull has created the slot (watermarks written earlier would be lost). A worker holds
+    a lock while it runs (see :func:`.snapshots.worker_lock`), so "running" means alive."""
     pipeline = spec.pipelines[name]
     with open_state(spec) as state:
         state.ensure_pipeline(name, pipeline.slot)
         if state.pipeline_state(name).advanced_lsn is None:
-            return []
-        seen = {s.table for s in SnapshotStore(state).latest(name, kind="backfill")}
-    return [t for t in pipeline.tables if t not in seen]
+            return BackfillPlan()
+        store = SnapshotStore(state)
+        latest = {s.table: s for s in store.latest(name, kind="backfill")
+                  if s.table in pipeline.tables}
+        open_ = [s for s in latest.values() if s.status in ("running", "failed")]
+        alive = {s.table for s in open_ if store.alive(s)}
+        if not state.try_lock(_backfill_lock(name)):  # a run is between two tables
+            alive.add("(a backfill run between tables)")
+        else:
+            state.unlock(_backfill_lock(name))
+    return BackfillPlan(
+        new=tuple(t for t in pipeline.tables if t not in latest),
+        unfinished=tuple(s for s in open_ if s.table not in alive),
+        running=tuple(sorted(alive)))
 
 
 def backfill_pipeline(spec: SyncSpec, name: str, *, tables: Sequence[str] | None = None,
@@ -221,12 +249,23 @@ def backfill_pipeline(spec: SyncSpec, name: str, *, tables: Sequence[str] | None
     reports = []
     with open_state(spec) as state:
         state.ensure_pipeline(name, pipeline.slot)
-        for table in _tables(pipeline, tables):
-            reports.append(backfill_table(state, pipeline, table,
-                                          chunk_rows=pipeline.policy.snapshot_chunk,
-                                          resume=not restart, on_chunk=on_chunk,
-                                          faults=faults))
+        # Held for the whole call so a planner sees a run between two tables as alive; the
+        # tables' own locks keep two backfills of one table apart (a second caller goes on).
+        locked = state.try_lock(_backfill_lock(name))
+        try:
+            for table in _tables(pipeline, tables):
+                reports.append(backfill_table(state, pipeline, table,
+                                              chunk_rows=pipeline.policy.snapshot_chunk,
+                                              resume=not restart, on_chunk=on_chunk,
+                                              faults=faults))
+        finally:
+            if locked:
+                state.unlock(_backfill_lock(name))
     return reports
+
+
+def _backfill_lock(name: str) -> str:
+    return f"backfill-run:{name}"
 
 
 def reconcile(spec: SyncSpec, name: str, *, tables: Sequence[str] | None = None,

@@ -246,8 +246,9 @@ def http_change(
 
     The path of an upsert is filled from its row, that of a delete from its key (``key_names``
     are the target names of the key columns, :attr:`~..mapping.TableMapper.key_names`). A
-    TRUNCATE has no HTTP equivalent: ``ValueError``. A ``partial`` upsert (unchanged TOAST
-    values left out) sends only the columns it has; use PATCH for such tables.
+    TRUNCATE has no HTTP equivalent: ``ValueError``. Delivery never passes a ``partial``
+    upsert (unchanged TOAST values left out): an API cannot merge it into its record, so the
+    row is re-read from the source instead (:mod:`...refetch`).
     """
     if isinstance(op, Upsert):
         fields: Mapping[str, Any] = {**dict(zip(key_names, op.key, strict=True)), **op.row}

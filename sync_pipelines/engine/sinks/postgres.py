@@ -10,6 +10,12 @@ table ``ON CONFLICT (key) DO UPDATE``) and writes the checkpoint row
 * a crash after the commit is detected on the next run by reading the checkpoint, and the
   batch is skipped — the exactly-once effect of invariant 2.
 
+A partial upsert (an UPDATE that left large, TOASTed values out as "unchanged") updates only
+the columns it carries, so the target keeps its own copy of the rest; for a key the target does
+not have it writes nothing and reports the key, and the caller asks for the row to be re-read
+from the source (:mod:`..refetch`) — never a row with NULL where the source has a value. A
+whole row identical to the target's is not rewritten (no new row version, no WAL).
+
 Target tables are created from the source relation when missing and gain columns the source
 gains mid-stream (each can be turned off in the spec). Driver errors are mapped explicitly:
 connection loss, serialization failures and deadlocks are transient; constraint and data
