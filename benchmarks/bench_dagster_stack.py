@@ -77,7 +77,7 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout
 
 from machine import machine_info  # noqa: E402  (benchmarks/machine.py, beside this file)
 
-from sync_pipelines.engine.embedded import ensure_database, start_embedded  # noqa: E402
+from sync_pipelines.engine.runtime.embedded import ensure_database, start_embedded  # noqa: E402
 
 PIPELINE = "bench"
 TABLE = "public.events"

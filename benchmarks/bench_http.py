@@ -95,7 +95,7 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout
 
 from machine import machine_info, peak_rss_kb  # noqa: E402  (benchmarks/machine.py)
 
-from sync_pipelines.engine.deliver_http import WINDOW_CHANGES  # noqa: E402
+from sync_pipelines.engine.delivery.http_path import WINDOW_CHANGES  # noqa: E402
 from sync_pipelines.engine.spec import SyncSpec, parse_spec  # noqa: E402
 
 PIPELINE = "bench_http"
@@ -174,8 +174,8 @@ def deliver_main(config: dict[str, Any]) -> None:
     wrappers add one coroutine frame per request and nothing to the engine's files.
     """
     baseline_kb = peak_rss_kb()
+    from sync_pipelines.engine.delivery.sinks.http import HttpSink
     from sync_pipelines.engine.pipeline import deliver_pipeline
-    from sync_pipelines.engine.sinks.http import HttpSink
 
     spec = build_spec(config["policy"], config["concurrency"])
     attempts: list[tuple[float, float]] = []
@@ -375,7 +375,7 @@ def ceiling_main(config: dict[str, Any]) -> None:
             statuses[resp.status] += 1
 
     async def wire_lane() -> None:
-        from sync_pipelines.engine.sinks.http_wire import (
+        from sync_pipelines.engine.delivery.sinks.http_wire import (
             Connection,
             Origin,
             header_block,
@@ -613,7 +613,7 @@ class Server:
     """The embedded PostgreSQL with the databases ``source`` and ``state``."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from sync_pipelines.engine.embedded import ensure_database, start_embedded
+        from sync_pipelines.engine.runtime.embedded import ensure_database, start_embedded
 
         self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sp_bench_http_"))
         t0 = now()
@@ -726,7 +726,7 @@ def source_rows(dsn: str) -> dict[str, dict[str, str]]:
 
 
 def staged_batches() -> list[dict[str, Any]]:
-    from sync_pipelines.engine.state import StateStore
+    from sync_pipelines.engine.staging.store import StateStore
 
     with StateStore.connect(os.environ[ENV["state"]]) as state:
         return [{"batch_id": b.batch_id, "n_changes": b.n_changes,

@@ -400,7 +400,7 @@ class Server:
             self.kind = "external (--dsn)"
             prefix = args.db_prefix if args.db_prefix is not None else "sp_bench_"
         else:
-            from sync_pipelines.engine.embedded import start_embedded
+            from sync_pipelines.engine.runtime.embedded import start_embedded
 
             self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sp_bench_"))
             t0 = now()
@@ -412,7 +412,7 @@ class Server:
         wal_level = one(self.uri, "SHOW wal_level")
         if wal_level != "logical":
             raise SystemExit(f"the server runs with wal_level={wal_level}; need 'logical'")
-        from sync_pipelines.engine.embedded import ensure_database
+        from sync_pipelines.engine.runtime.embedded import ensure_database
 
         self.db_names = {role: f"{prefix}{role}" for role in ("source", "target", "state")}
         self.dsn = {role: ensure_database(self.uri, name) for role, name in self.db_names.items()}
@@ -582,7 +582,7 @@ def ceiling_peek_client(dsn: str, slot: str, pub: str, fetch_chunk: int,
                         decode: bool = False) -> dict[str, Any]:
     """Peek through a server-side cursor, fetching every row to the client and dropping it
     (``decode=True`` also runs the engine's pgoutput decoder on each message)."""
-    from sync_pipelines.engine.pgoutput import decode_message
+    from sync_pipelines.engine.wire.pgoutput import decode_message
 
     n = 0
     t0 = now()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """End-of-day reconciliation: speed and memory of the Postgres drift comparer.
 
-Measures :func:`~sync_pipelines.engine.reconcile.compare_postgres` (the first pass of the
+Measures :func:`~sync_pipelines.engine.reconcile.postgres.compare_postgres` (the first pass of the
 reconciliation, one table against one Postgres target) against the obvious baseline: read both
 tables whole with ``pandas.read_sql`` and diff them with a pandas merge.
 
@@ -92,9 +92,9 @@ def drift_keys(rows: int, drift: int) -> dict[str, list[int]]:
 
 
 def worker_compare(cfg: dict[str, Any]) -> dict[str, Any]:
-    from sync_pipelines.engine.reconcile import compare_postgres
-    from sync_pipelines.engine.source import TEXT_FORMAT_SETTINGS
+    from sync_pipelines.engine.reconcile.postgres import compare_postgres
     from sync_pipelines.engine.spec import parse_spec
+    from sync_pipelines.engine.wire.pgtypes import TEXT_FORMAT_SETTINGS
 
     mapping = {} if cfg["mode"] == "range-hash" else {
         "filter": [{"column": "id", "op": ">", "value": 0}]}
@@ -165,7 +165,7 @@ class Server:
     """Embedded PostgreSQL 18 started here, or an existing server (``--dsn``)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from sync_pipelines.engine.embedded import ensure_database, start_embedded
+        from sync_pipelines.engine.runtime.embedded import ensure_database, start_embedded
 
         self.handle: Any = None
         self.workdir: Path | None = None

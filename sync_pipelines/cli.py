@@ -25,8 +25,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from sync_pipelines.crm_service.server import CrmServer
-from sync_pipelines.engine.embedded import EmbeddedPostgres, ensure_database, start_embedded
 from sync_pipelines.engine.pipeline import pull_pipeline
+from sync_pipelines.engine.runtime.embedded import EmbeddedPostgres, ensure_database, start_embedded
 from sync_pipelines.engine.spec import load_spec
 
 DATABASES = {"dagster": "dagster", "state": "sync_state", "source": "crm", "target": "reporting"}

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from sync_pipelines.engine.backfill import backfill_table, repair_keys
+from sync_pipelines.engine.backfill.reader import backfill_table, repair_keys
 from sync_pipelines.engine.faults import Faults, InjectedCrash
 from sync_pipelines.engine.pipeline import deliver_pipeline, open_state, pull_pipeline
-from sync_pipelines.engine.snapshots import SnapshotStore
+from sync_pipelines.engine.staging.snapshots import SnapshotStore
 
 from .support.pipelines import assert_tables_equal, execute, make_spec, rows, sync_until_idle
 

@@ -25,11 +25,6 @@ import psycopg2
 import psycopg2.extras
 import pytest
 
-from sync_pipelines.engine.embedded import (
-    EmbeddedPostgresError,
-    ensure_database,
-    start_system_postgres,
-)
 from sync_pipelines.engine.errors import (
     SlotConflictError,
     SourceConfigError,
@@ -39,9 +34,14 @@ from sync_pipelines.engine.errors import (
     SyncError,
     TransientDeliveryError,
 )
-from sync_pipelines.engine.pgoutput import format_lsn, parse_lsn
 from sync_pipelines.engine.pipeline import deliver_pipeline, pull_pipeline
+from sync_pipelines.engine.runtime.embedded import (
+    EmbeddedPostgresError,
+    ensure_database,
+    start_system_postgres,
+)
 from sync_pipelines.engine.spec import load_spec, parse_spec
+from sync_pipelines.engine.wire.pgoutput import format_lsn, parse_lsn
 
 from .support.pipelines import assert_tables_equal, execute, make_spec, rows, sync_until_idle
 

@@ -19,17 +19,17 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 
-from sync_pipelines.engine.deliver import deliver
+from sync_pipelines.engine.capture.source import Source
+from sync_pipelines.engine.delivery.postgres_path import deliver
 from sync_pipelines.engine.errors import SyncError, TransientDeliveryError
 from sync_pipelines.engine.faults import Faults, InjectedCrash
-from sync_pipelines.engine.pgoutput import parse_lsn
 from sync_pipelines.engine.pipeline import (
     deliver_pipeline,
     open_sink,
     open_state,
     pull_pipeline,
 )
-from sync_pipelines.engine.source import Source
+from sync_pipelines.engine.wire.pgoutput import parse_lsn
 
 from .support.pipelines import assert_tables_equal, execute, make_spec, rows, sync_until_idle
 from .support.versioned import (

@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from sync_pipelines.engine.embedded import (
+from sync_pipelines.engine.runtime.embedded import (
     EmbeddedPostgres,
     EmbeddedPostgresError,
     dsn_for_database,

@@ -3,7 +3,7 @@ overlapping pulls and an idle slot.
 
 Checks, against real PostgreSQL, what a pull stages (``sync_state.batch`` in the state DB) and
 where it leaves the slot (``confirmed_flush_lsn`` in ``pg_replication_slots``). Covers
-:mod:`sync_pipelines.engine.ingest` through ``pull_pipeline``; delivery is only used to make
+:mod:`sync_pipelines.engine.capture.puller` through ``pull_pipeline``; delivery is only used to make
 room in the budget. Does not touch the Dagster sensor, which merely calls ``pull_pipeline``.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import psycopg
 
-from sync_pipelines.engine.pgoutput import parse_lsn
 from sync_pipelines.engine.pipeline import deliver_pipeline, pull_pipeline
-from sync_pipelines.engine.state import StateStore
+from sync_pipelines.engine.staging.store import StateStore
+from sync_pipelines.engine.wire.pgoutput import parse_lsn
 
 from .support.pipelines import assert_tables_equal, execute, make_spec, rows, sync_until_idle
 

@@ -43,8 +43,7 @@ import h11
 import httpx
 import pytest
 
-from sync_pipelines.engine.mapping import Delete, Truncate, Upsert
-from sync_pipelines.engine.sinks.http import (
+from sync_pipelines.engine.delivery.sinks.http import (
     Endpoint,
     HttpChange,
     HttpSink,
@@ -52,7 +51,8 @@ from sync_pipelines.engine.sinks.http import (
     idempotency_key,
     parse_retry_after,
 )
-from sync_pipelines.engine.state import Position
+from sync_pipelines.engine.mapping.mapper import Delete, Truncate, Upsert
+from sync_pipelines.engine.wire.change import Position
 
 Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
 MakeSink = Callable[..., HttpSink]

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 
-from sync_pipelines.engine.deliver_http import sweep_http
+from sync_pipelines.engine.delivery.http_path import sweep_http
 from sync_pipelines.engine.faults import Faults, InjectedCrash
 from sync_pipelines.engine.pipeline import (
     deliver_pipeline,

@@ -1,6 +1,7 @@
 """Field mapping: a staged change → target operations, per the spec's table mapping.
 
-Unit tests of :mod:`sync_pipelines.engine.mapping` with hand-built relations and staged changes
+Unit tests of :mod:`sync_pipelines.engine.mapping.mapper` with hand-built relations and staged
+changes
 (no database): renames, include/exclude, casts, derived fields, the row filter (an update that
 leaves it becomes a delete), key changes, unchanged TOAST values (partial upserts), and spec
 errors that name the pipeline, table and column. Then one end-to-end test of a mapping into a
@@ -20,11 +21,11 @@ from typing import Any
 import pytest
 
 from sync_pipelines.engine.errors import SpecError
-from sync_pipelines.engine.mapping import Delete, Mapper, TableMapper, Truncate, Upsert
-from sync_pipelines.engine.pgoutput import Column, Relation
+from sync_pipelines.engine.mapping.mapper import Delete, Mapper, TableMapper, Truncate, Upsert
 from sync_pipelines.engine.pipeline import pull_pipeline
 from sync_pipelines.engine.spec import TableMapping, parse_spec
-from sync_pipelines.engine.state import Position, StoredChange
+from sync_pipelines.engine.wire.change import Position, StoredChange
+from sync_pipelines.engine.wire.pgoutput import Column, Relation
 
 from .support.pipelines import execute, make_spec, rows, sync_until_idle
 

@@ -3,9 +3,10 @@ many batches and pulls and with several delivery runs started at once; and the c
 that folds a batch into one operation per key preserves the effect of applying it in order.
 
 The integration tests detect reordering and double applies with a trigger in the target
-(:mod:`.support.versioned`); the property test checks :func:`~sync_pipelines.engine.compaction
-.compact` against a dict model with hypothesis. Not covered here: the retry queue and HTTP
-targets (not built yet), and the Dagster run queue.
+(:mod:`.support.versioned`); the property test checks
+:func:`~sync_pipelines.engine.mapping.compaction.compact` against a dict model with
+hypothesis. Not covered here: the retry queue and HTTP targets (test_http_target,
+test_postgres_failures), and the Dagster run queue.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import psycopg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sync_pipelines.engine.compaction import compact
-from sync_pipelines.engine.mapping import Delete, TargetOp, Truncate, Upsert
+from sync_pipelines.engine.mapping.compaction import compact
+from sync_pipelines.engine.mapping.mapper import Delete, TargetOp, Truncate, Upsert
 from sync_pipelines.engine.pipeline import deliver_pipeline, pull_pipeline
-from sync_pipelines.engine.state import Position
+from sync_pipelines.engine.wire.change import Position
 
 from .support.pipelines import assert_tables_equal, make_spec, rows, sync_until_idle
 from .support.versioned import assert_versions_increase, create_versioned_tables

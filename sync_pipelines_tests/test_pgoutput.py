@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from sync_pipelines.engine.pgoutput import (
+from sync_pipelines.engine.wire.pgoutput import (
     UNCHANGED_TOAST,
     Begin,
     Column,

@@ -1,4 +1,4 @@
-"""Unit tests for text-format → Python conversion (sync_pipelines.engine.pgtypes)."""
+"""Unit tests for text-format → Python conversion (sync_pipelines.engine.wire.pgtypes)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from sync_pipelines.engine.pgoutput import UNCHANGED_TOAST, Insert, Relation, decode_message
-from sync_pipelines.engine.pgtypes import OID_NAMES, converter, parse_array, to_python
+from sync_pipelines.engine.wire.pgoutput import UNCHANGED_TOAST, Insert, Relation, decode_message
+from sync_pipelines.engine.wire.pgtypes import OID_NAMES, converter, parse_array, to_python
 
 UTC = timezone.utc
 NAN = float("nan")

@@ -1,4 +1,4 @@
-"""Drift comparison against Postgres targets (:mod:`sync_pipelines.engine.reconcile`).
+"""Drift comparison against Postgres targets (:mod:`sync_pipelines.engine.reconcile.postgres`).
 
 Real PostgreSQL, no mocks: the engine creates and fills each target (pull + deliver), then
 drift is injected by hand in the target (deletes, updates, inserts) and the comparer must find
@@ -26,9 +26,9 @@ from typing import Any
 import pandas as pd
 import psycopg
 
-from sync_pipelines.engine.drift import TableDrift
 from sync_pipelines.engine.pipeline import pull_pipeline
-from sync_pipelines.engine.reconcile import compare_postgres, recheck_postgres
+from sync_pipelines.engine.reconcile.drift import TableDrift
+from sync_pipelines.engine.reconcile.postgres import compare_postgres, recheck_postgres
 from sync_pipelines.engine.spec import SyncSpec, parse_spec
 
 from .support.pipelines import execute, make_spec, sync_until_idle

@@ -1,5 +1,5 @@
 """Reconciling a source table against the reference CRM through its paged list endpoint
-(:mod:`sync_pipelines.engine.reconcile_http`): a real CRM on 127.0.0.1 filled by the real
+(:mod:`sync_pipelines.engine.reconcile.http`): a real CRM on 127.0.0.1 filled by the real
 engine, a real PostgreSQL source, drift injected straight into the CRM (and the source).
 
 Covers: exact drift sets (missing, extra, different with field names), the comparison rules
@@ -18,9 +18,9 @@ import httpx
 import psycopg
 import pytest
 
-from sync_pipelines.engine.drift import KeyDrift
 from sync_pipelines.engine.errors import SpecError, TerminalDeliveryError, TransientDeliveryError
-from sync_pipelines.engine.reconcile_http import compare_http, fingerprint, recheck_http
+from sync_pipelines.engine.reconcile.drift import KeyDrift
+from sync_pipelines.engine.reconcile.http import compare_http, fingerprint, recheck_http
 from sync_pipelines.engine.spec import SyncSpec, parse_spec
 
 from .support.pipelines import execute, sync_until_idle

@@ -15,7 +15,7 @@ import secrets
 
 import pytest
 
-from sync_pipelines.engine.backfill import backfill_table
+from sync_pipelines.engine.backfill.reader import backfill_table
 from sync_pipelines.engine.faults import Faults, InjectedCrash
 from sync_pipelines.engine.pipeline import (
     deliver_pipeline,

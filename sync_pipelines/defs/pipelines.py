@@ -22,8 +22,8 @@ import dagster as dg
 
 from sync_pipelines.engine import pipeline as engine
 from sync_pipelines.engine.errors import SyncError, Transient
-from sync_pipelines.engine.pgoutput import format_lsn
 from sync_pipelines.engine.spec import PipelineSpec
+from sync_pipelines.engine.wire.pgoutput import format_lsn
 
 from .resources import SyncEngine
 

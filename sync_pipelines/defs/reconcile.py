@@ -23,9 +23,9 @@ from typing import Any
 import dagster as dg
 
 from sync_pipelines.engine import pipeline as engine
-from sync_pipelines.engine.backfill import SnapshotReport
-from sync_pipelines.engine.drift import TableDrift
+from sync_pipelines.engine.backfill.reader import SnapshotReport
 from sync_pipelines.engine.errors import SyncError
+from sync_pipelines.engine.reconcile.drift import TableDrift
 from sync_pipelines.engine.spec import HttpTargetSpec, PipelineSpec
 
 from .pipelines import delivered_key

@@ -19,25 +19,27 @@ Connections are opened per call and closed on return, crash or not.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from .backfill import Progress, SnapshotReport, backfill_table
-from .deliver import DeliveryReport, SweepReport, deliver, sweep_postgres
-from .deliver_http import deliver_http, sweep_http
-from .drift import TableDrift
+from .backfill.reader import Progress, SnapshotReport, backfill_table
+from .backfill.refetch import refetch_pending
+from .capture.puller import PullReport, pull
+from .capture.source import Source
+from .delivery.http_path import deliver_http, sweep_http
+from .delivery.postgres_path import DeliveryReport, SweepReport, deliver, sweep_postgres
+from .delivery.sinks.http import HttpSink
+from .delivery.sinks.postgres import PostgresSink
 from .errors import SpecError
 from .faults import NO_FAULTS, Faults
-from .held import HeldStore
-from .ingest import PullReport, pull
-from .reconciliation import CatchUp, ReconcileReport, reconcile_pipeline
-from .sinks.http import HttpSink
-from .sinks.postgres import PostgresSink
-from .snapshots import SnapshotInfo, SnapshotStore
-from .source import Source
+from .reconcile.drift import TableDrift
+from .reconcile.run import CatchUp, ReconcileReport, reconcile_pipeline
 from .spec import HttpTargetSpec, PipelineSpec, PostgresTargetSpec, SyncSpec
-from .state import BatchInfo, StateStore
+from .staging.held import HeldStore
+from .staging.snapshots import SnapshotInfo, SnapshotStore
+from .staging.store import BatchInfo, StateStore
 
 
 def open_state(spec: SyncSpec) -> StateStore:
@@ -70,9 +72,14 @@ def open_http_sink(pipeline: PipelineSpec, target: str) -> HttpSink:
 
 
 def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS) -> PullReport:
+    """One sensor tick: re-read the rows delivery asked for (their watermarks go into the WAL
+    first, so this very pull meets them; their few rows are not held to the demand budget),
+    then pull within the demand budget."""
     pipeline = spec.pipelines[name]
     with open_state(spec) as state, open_source(pipeline) as source:
-        return pull(source, state, pipeline, faults=faults)
+        refetched = refetch_pending(state, pipeline, faults=faults)
+        return dataclasses.replace(pull(source, state, pipeline, faults=faults),
+                                   refetch=refetched)
 
 
 def deliver_pipeline(
@@ -117,7 +124,7 @@ def mark_requested(spec: SyncSpec, name: str, batch_ids: list[int]) -> None:
 
 def compare_tables(spec: SyncSpec, name: str) -> list[str]:
     """Differences between the source and each target (empty when they match)."""
-    from .verify import compare_pipeline
+    from .reconcile.verify import compare_pipeline
 
     pipeline = spec.pipelines[name]
     problems = []

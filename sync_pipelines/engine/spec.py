@@ -191,7 +191,7 @@ class HttpTableSpec(_Model):
         return v
     list: str | None = None
     """The API's paged list endpoint, e.g. ``GET /contacts``, read by reconciliation
-    (:mod:`~sync_pipelines.engine.reconcile_http`); without it the table is not compared.
+    (:mod:`~sync_pipelines.engine.reconcile.postgres.http`); without it the table is not compared.
 
     Exactly one paging convention is supported (the one the reference CRM implements): each
     request appends the query parameters ``limit`` (page size) and ``cursor`` (left out on the

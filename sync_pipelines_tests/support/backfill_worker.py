@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
-from sync_pipelines.engine.backfill import SnapshotReport
+from sync_pipelines.engine.backfill.reader import SnapshotReport
 from sync_pipelines.engine.pipeline import backfill_pipeline
 from sync_pipelines.engine.spec import load_spec
 

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from sync_pipelines.engine import pgoutput as po
+from sync_pipelines.engine.wire import pgoutput as po
 from sync_pipelines.engine.pipeline import deliver_pipeline, open_source, pull_pipeline
 from sync_pipelines.engine.spec import parse_spec
 

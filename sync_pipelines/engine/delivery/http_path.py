@@ -27,15 +27,17 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
-from .deliver import DeliveryReport, SweepReport, _before, _wait_for_lock
-from .faults import NO_FAULTS, Faults
-from .held import Failure, HeldChange, HeldStore, backoff, change_key, due_at
-from .mapping import Delete, Mapper, Truncate, Upsert
-from .refetch import RefetchStore, Request
+from ..faults import NO_FAULTS, Faults
+from ..mapping.keys import change_key
+from ..mapping.mapper import Delete, Mapper, Truncate, Upsert
+from ..spec import HttpTargetSpec, PipelineSpec
+from ..staging.held import Failure, HeldChange, HeldStore, backoff, due_at
+from ..staging.refetch import RefetchStore, Request
+from ..staging.store import BatchInfo, StateStore
+from ..wire.change import Position, StoredChange, decode_change
+from .postgres_path import DeliveryReport, SweepReport, _before, _wait_for_lock
 from .sinks.http import Endpoint, HttpChange, HttpOutcome, HttpSink, http_change
 from .sinks.postgres import ApplyStats
-from .spec import HttpTargetSpec, PipelineSpec
-from .state import BatchInfo, Position, StateStore, StoredChange, _decode_stored
 
 WINDOW_CHANGES = 10_000
 """Staged changes sent in one :meth:`HttpSink.send` call, across batches. Each call waits for
@@ -267,7 +269,7 @@ def sweep_http(
         items: list[_Item] = []
         for key in keys:
             for hc in held.chain(key):
-                ch = _decode_stored(hc.position.commit_lsn, hc.position.seq, 0, hc.relation_id,
+                ch = decode_change(hc.position.commit_lsn, hc.position.seq, 0, hc.relation_id,
                                     hc.op, hc.message)
                 it = builder.item(ch, held=hc)
                 if it is None:  # the table left the spec: nothing can deliver it

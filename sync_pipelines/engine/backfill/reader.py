@@ -33,14 +33,14 @@ import psycopg
 from psycopg import sql
 from psycopg.types.string import TextLoader
 
-from .errors import SnapshotBusyError, SourceConfigError
-from .faults import NO_FAULTS, Faults
-from .mapping import TableMapper
-from .pgoutput import Relation, encode_delete, encode_update
-from .snapshots import PREFIX, SnapshotKind, SnapshotStore, watermark, worker_lock
-from .source import connect_text, describe_relation
-from .spec import PipelineSpec
-from .state import StateStore
+from ..capture.source import connect_text, describe_relation
+from ..errors import SnapshotBusyError, SourceConfigError
+from ..faults import NO_FAULTS, Faults
+from ..mapping.mapper import TableMapper
+from ..spec import PipelineSpec
+from ..staging.snapshots import PREFIX, SnapshotKind, SnapshotStore, watermark, worker_lock
+from ..staging.store import StateStore
+from ..wire.pgoutput import Relation, encode_delete, encode_update
 
 Key = tuple[str | None, ...]
 

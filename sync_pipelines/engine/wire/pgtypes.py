@@ -30,8 +30,12 @@ Values Python cannot represent, by choice:
 * ``time '24:00:00'`` maps to :attr:`datetime.time.max` (23:59:59.999999).
 * BC dates and years above 9999 raise :class:`ValueError`.
 
-Malformed text raises :class:`ValueError`. :data:`~sync_pipelines.engine.pgoutput.UNCHANGED_TOAST`
-is not a value and raises :class:`TypeError` in :func:`to_python`.
+Malformed text raises :class:`ValueError`. :data:`~.pgoutput.UNCHANGED_TOAST` is not a value
+and raises :class:`TypeError` in :func:`to_python`.
+
+:data:`TEXT_FORMAT_SETTINGS` pins the session settings that decide how values are written as
+text: every connection that reads or writes values as text (the slot's, a snapshot's, a
+target's) runs it, so text never depends on a server's or a role's defaults.
 """
 
 from __future__ import annotations
@@ -44,9 +48,15 @@ from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
-from sync_pipelines.engine.pgoutput import UNCHANGED_TOAST
+from .pgoutput import UNCHANGED_TOAST
 
-__all__ = ["OID_NAMES", "converter", "parse_array", "to_python"]
+__all__ = ["OID_NAMES", "TEXT_FORMAT_SETTINGS", "converter", "parse_array", "to_python"]
+
+TEXT_FORMAT_SETTINGS = (
+    "SET datestyle = 'ISO, YMD'; SET intervalstyle = 'postgres'; SET timezone = 'UTC'; "
+    "SET extra_float_digits = 3; SET bytea_output = 'hex'"
+)
+"""Output settings of every session whose values are read or written as text."""
 
 Converter = Callable[[str], Any]
 

@@ -6,7 +6,7 @@ This module is a pure function of bytes: :func:`decode_message` takes the payloa
 ``XLogData`` frame (or one ``data`` value of ``pg_logical_slot_*_binary_changes``) and returns
 one immutable message object. It never opens a socket, never talks to a server, keeps no state
 between calls and performs no type conversion beyond text decoding (see
-:mod:`sync_pipelines.engine.pgtypes` for that). Relation bookkeeping (mapping ``relation_id``
+:mod:`sync_pipelines.engine.wire.pgtypes` for that). Relation bookkeeping (mapping ``relation_id``
 to the latest :class:`Relation`) is the caller's job.
 
 Scope: protocol version 1 with default options, i.e. no streaming of in-progress

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .mapping import Delete, Key, TargetOp, Truncate, Upsert
+from .mapper import Delete, Key, TargetOp, Truncate, Upsert
 
 
 @dataclass

@@ -27,9 +27,9 @@ Invariants:
 
 Snapshot rows (initial backfill, repair, refetch) enter here too: at a snapshot chunk's high
 watermark the puller stages the chunk's rows, minus the keys changed between its two
-watermarks, at the watermark's position (see :mod:`.snapshots`). Before it peeks, a pull
-re-reads the rows delivery asked for because a change did not carry every value
-(see :mod:`.refetch`).
+watermarks, at the watermark's position (see :mod:`...staging.snapshots`); among them the rows
+re-read because a change did not carry every value (:mod:`...backfill.refetch`), whose
+watermarks the pipeline writes just before it pulls.
 
 A crash at any point leaves either the slot unmoved (changes re-peeked and skipped) or the
 slot moved past changes that are staged.
@@ -41,15 +41,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import pgoutput as po
-from .errors import SlotConflictError
-from .faults import NO_FAULTS, Faults
-from .pgoutput import format_lsn
-from .refetch import RefetchReport, refetch_pending
-from .snapshots import SnapshotStore, key_positions, parse_watermark
+from ..errors import SlotConflictError
+from ..faults import NO_FAULTS, Faults
+from ..spec import PipelineSpec
+from ..staging.refetch import RefetchReport
+from ..staging.snapshots import SnapshotStore, key_positions, parse_watermark
+from ..staging.store import BatchInfo, Position, StagedChange, StateStore
+from ..wire import pgoutput as po
+from ..wire.pgoutput import format_lsn
 from .source import Source, with_primary_key
-from .spec import PipelineSpec
-from .state import BatchInfo, Position, StagedChange, StateStore
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class PullReport:
     skipped: str | None = None
     stopped_by_demand: bool = False
     refetch: RefetchReport = RefetchReport()
-    """Rows re-read from the source at the start of this pull (see :mod:`.refetch`)."""
+    """Rows re-read from the source just before this pull (see :mod:`...backfill.refetch`)."""
     duration_s: float = 0.0
 
     @property
@@ -243,16 +243,13 @@ def pull(
                 f"{format_lsn(st.advanced_lsn)}); changes in between were consumed elsewhere. "
                 "Stop the other consumer, then drop the slot and re-run the initial sync."
             )
-        # Rows delivery could not complete are re-read first, so this peek already meets
-        # their watermarks (see .refetch). Their few rows are not held to the demand budget.
-        refetched = refetch_pending(state, pipeline, faults=faults)
         undelivered = state.undelivered_changes(pipeline.name)
         demand = pipeline.policy.demand_budget - undelivered
         if demand <= 0:
             return PullReport(
                 pipeline.name, 0, undelivered, slot_lag_bytes=slot.lag_bytes,
                 skipped=f"demand is zero: {undelivered} changes staged and not yet delivered "
-                f"(budget {pipeline.policy.demand_budget})", refetch=refetched,
+                f"(budget {pipeline.policy.demand_budget})",
                 duration_s=time.monotonic() - started,
             )
         flush_before = source.flush_lsn()
@@ -291,7 +288,7 @@ def pull(
             pipeline.name, demand, undelivered, tuple(puller.batches), puller.taken,
             puller.transactions, advanced, slot.lag_bytes,
             skipped=None if puller.taken else "no new changes in the slot",
-            stopped_by_demand=puller.stopped, refetch=refetched,
+            stopped_by_demand=puller.stopped,
             duration_s=time.monotonic() - started,
         )
     finally:

@@ -34,12 +34,12 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from ..compaction import TableOps, compact
-from ..errors import TerminalDeliveryError, TransientDeliveryError
-from ..mapping import TableMapper, TargetOp, Upsert
-from ..source import TEXT_FORMAT_SETTINGS
-from ..spec import PostgresTargetSpec
-from ..state import START, Position
+from ...errors import TerminalDeliveryError, TransientDeliveryError
+from ...mapping.compaction import TableOps, compact
+from ...mapping.mapper import TableMapper, TargetOp, Upsert
+from ...spec import PostgresTargetSpec
+from ...wire.change import START, Position
+from ...wire.pgtypes import TEXT_FORMAT_SETTINGS
 
 
 @dataclass(frozen=True)

@@ -33,195 +33,13 @@ from typing import Any, NamedTuple
 import psycopg
 from psycopg import sql
 
-from .errors import StateError
-from .pgoutput import (
-    UNCHANGED_TOAST,
-    Column,
-    Delete,
-    Insert,
-    Relation,
-    Update,
-    Value,
-    decode_message,
-)
+from ..errors import StateError
+from ..wire.change import START, Position, StoredChange, decode_change
+from ..wire.pgoutput import Column, Relation
+from .migrations import MIGRATIONS
 
-
-class Position(NamedTuple):
-    """Where a change sits in the stream: its transaction's commit LSN and its index in it."""
-
-    commit_lsn: int
-    seq: int
-
-
-START = Position(0, -1)
-"""The position before every change."""
-
-
-MIGRATIONS: list[str] = [
-    # 1: the initial schema.
-    """
-    CREATE TABLE {schema}.pipeline (
-        pipeline     text PRIMARY KEY,
-        slot         text NOT NULL,
-        staged_lsn   bigint NOT NULL DEFAULT 0,
-        staged_seq   integer NOT NULL DEFAULT -1,
-        next_batch   bigint NOT NULL DEFAULT 1,
-        advanced_lsn bigint,
-        updated_at   timestamptz NOT NULL DEFAULT now()
-    );
-    CREATE TABLE {schema}.relation (
-        relation_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        pipeline     text NOT NULL,
-        fingerprint  text NOT NULL,
-        source_oid   bigint NOT NULL,
-        namespace    text NOT NULL,
-        name         text NOT NULL,
-        replica_identity text NOT NULL,
-        columns      jsonb NOT NULL,
-        first_seen   timestamptz NOT NULL DEFAULT now(),
-        UNIQUE (pipeline, fingerprint)
-    );
-    CREATE TABLE {schema}.batch (
-        pipeline     text NOT NULL,
-        batch_id     bigint NOT NULL,
-        first_lsn    bigint NOT NULL,
-        first_seq    integer NOT NULL,
-        last_lsn     bigint NOT NULL,
-        last_seq     integer NOT NULL,
-        n_changes    integer NOT NULL,
-        first_commit_ts timestamptz,
-        last_commit_ts  timestamptz,
-        staged_at    timestamptz NOT NULL DEFAULT now(),
-        requested_at timestamptz,
-        PRIMARY KEY (pipeline, batch_id)
-    );
-    CREATE TABLE {schema}.change (
-        pipeline     text NOT NULL,
-        commit_lsn   bigint NOT NULL,
-        seq          integer NOT NULL,
-        batch_id     bigint NOT NULL,
-        xid          bigint NOT NULL,
-        commit_ts    timestamptz NOT NULL,
-        relation_id  bigint NOT NULL,
-        op           text NOT NULL,
-        message      bytea NOT NULL,
-        PRIMARY KEY (pipeline, commit_lsn, seq)
-    );
-    CREATE TABLE {schema}.delivery (
-        pipeline     text NOT NULL,
-        target       text NOT NULL,
-        commit_lsn   bigint NOT NULL,
-        seq          integer NOT NULL,
-        batch_id     bigint NOT NULL,
-        updated_at   timestamptz NOT NULL DEFAULT now(),
-        PRIMARY KEY (pipeline, target)
-    );
-    """,
-    # 2: changes held per key for a target (retry head + parked), dead letters, HTTP ledger.
-    """
-    CREATE TABLE {schema}.held (
-        pipeline     text NOT NULL,
-        target       text NOT NULL,
-        key          text NOT NULL,
-        commit_lsn   bigint NOT NULL,
-        seq          integer NOT NULL,
-        relation_id  bigint NOT NULL,
-        op           text NOT NULL,
-        message      bytea NOT NULL,
-        attempts     integer NOT NULL DEFAULT 0,
-        next_attempt_at timestamptz,
-        last_status  integer,
-        last_error   text,
-        held_since   timestamptz NOT NULL DEFAULT now(),
-        PRIMARY KEY (pipeline, target, commit_lsn, seq)
-    );
-    CREATE INDEX held_by_key ON {schema}.held (pipeline, target, key, commit_lsn, seq);
-    CREATE TABLE {schema}.dead_letter (
-        dead_letter_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        pipeline     text NOT NULL,
-        target       text NOT NULL,
-        key          text NOT NULL,
-        commit_lsn   bigint NOT NULL,
-        seq          integer NOT NULL,
-        relation_id  bigint NOT NULL,
-        op           text NOT NULL,
-        message      bytea NOT NULL,
-        attempts     integer NOT NULL,
-        last_status  integer,
-        reason       text NOT NULL,
-        dead_at      timestamptz NOT NULL DEFAULT now(),
-        resolved_at  timestamptz,
-        resolution   text
-    );
-    CREATE INDEX dead_letter_open ON {schema}.dead_letter (pipeline, target, key)
-        WHERE resolved_at IS NULL;
-    CREATE UNIQUE INDEX dead_letter_once ON {schema}.dead_letter
-        (pipeline, target, commit_lsn, seq) WHERE resolved_at IS NULL;
-    CREATE TABLE {schema}.ledger (
-        pipeline     text NOT NULL,
-        target       text NOT NULL,
-        commit_lsn   bigint NOT NULL,
-        seq          integer NOT NULL,
-        sub          integer NOT NULL,
-        status       integer,
-        delivered_at timestamptz NOT NULL DEFAULT now(),
-        PRIMARY KEY (pipeline, target, commit_lsn, seq, sub)
-    );
-    """,
-    # 3: snapshots (initial backfill, repair) read in key-ordered chunks and placed in the
-    # stream between watermarks; see snapshots.py.
-    """
-    CREATE TABLE {schema}.snapshot (
-        snapshot_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        pipeline     text NOT NULL,
-        table_name   text NOT NULL,
-        kind         text NOT NULL,
-        status       text NOT NULL DEFAULT 'running',
-        last_key     text[],
-        chunks       integer NOT NULL DEFAULT 0,
-        rows         bigint NOT NULL DEFAULT 0,
-        rows_estimate bigint,
-        started_at   timestamptz NOT NULL DEFAULT now(),
-        updated_at   timestamptz NOT NULL DEFAULT now(),
-        finished_at  timestamptz,
-        error        text
-    );
-    CREATE INDEX snapshot_by_table ON {schema}.snapshot (pipeline, table_name, kind, status);
-    CREATE TABLE {schema}.snapshot_chunk (
-        chunk_id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        snapshot_id  bigint NOT NULL,
-        pipeline     text NOT NULL,
-        relation_id  bigint NOT NULL,
-        key_names    text[] NOT NULL,
-        messages     bytea[],
-        low_lsn      bigint,
-        high_lsn     bigint,
-        placed       integer,
-        conflicts    integer,
-        emitted      boolean NOT NULL DEFAULT false,
-        abandoned    boolean NOT NULL DEFAULT false,
-        created_at   timestamptz NOT NULL DEFAULT now()
-    );
-    CREATE INDEX snapshot_chunk_open ON {schema}.snapshot_chunk (pipeline, low_lsn)
-        WHERE NOT abandoned;
-    """,
-    # 4: rows to re-read from the source because a change did not carry every value and the
-    # target had no copy to take the rest from; see refetch.py.
-    """
-    CREATE TABLE {schema}.refetch (
-        pipeline     text NOT NULL,
-        target       text NOT NULL,
-        commit_lsn   bigint NOT NULL,
-        seq          integer NOT NULL,
-        table_name   text NOT NULL,
-        key          text[] NOT NULL,
-        reason       text NOT NULL,
-        requested_at timestamptz NOT NULL DEFAULT now(),
-        PRIMARY KEY (pipeline, target, commit_lsn, seq, table_name, key)
-    );
-    CREATE INDEX refetch_by_age ON {schema}.refetch (pipeline, requested_at);
-    """,
-]
+__all__ = ["START", "BatchInfo", "PipelineState", "Position", "StagedChange", "StateStore",
+           "StoredChange", "decode_change"]
 
 # Column order of a staged change row as written by COPY (after pipeline and batch_id).
 CHANGE_COLUMNS = (
@@ -246,23 +64,6 @@ class StagedChange(NamedTuple):
     relation_id: int
     op: str  # 'I' insert, 'U' update, 'D' delete, 'T' truncate
     message: bytes  # the pgoutput Insert/Update/Delete message (empty for a truncate)
-
-    @property
-    def position(self) -> Position:
-        return Position(self.commit_lsn, self.seq)
-
-
-class StoredChange(NamedTuple):
-    """A staged change as read back for delivery, its message decoded into text values."""
-
-    commit_lsn: int
-    seq: int
-    batch_id: int
-    relation_id: int
-    op: str
-    new_values: list[str | None] | None
-    old_values: list[str | None] | None
-    unchanged: list[int] | None
 
     @property
     def position(self) -> Position:
@@ -543,7 +344,7 @@ class StateStore:
                         "ORDER BY commit_lsn, seq"),
                 (pipeline, after.commit_lsn, after.seq, through.commit_lsn, through.seq),
             )
-            return [(_decode_stored(*r), bytes(r[5])) for r in cur.fetchall()]
+            return [(decode_change(*r), bytes(r[5])) for r in cur.fetchall()]
 
     # -- delivery ----------------------------------------------------------------------------
 
@@ -601,40 +402,6 @@ class StateStore:
                 (pipeline, floor.commit_lsn, floor.seq),
             )
         return removed
-
-
-def _values(tup: tuple[Value, ...]) -> tuple[list[str | None], list[int] | None]:
-    """Text values with unchanged-TOAST markers replaced by None, and those markers' indexes."""
-    if UNCHANGED_TOAST not in tup:
-        return list(tup), None  # type: ignore[arg-type]
-    unchanged = [i for i, v in enumerate(tup) if v is UNCHANGED_TOAST]
-    return [None if v is UNCHANGED_TOAST else v for v in tup], unchanged  # type: ignore[misc]
-
-
-def _decode_stored(commit_lsn: int, seq: int, batch_id: int, relation_id: int, op: str,
-                   message: bytes) -> StoredChange:
-    if op == "T":
-        return StoredChange(commit_lsn, seq, batch_id, relation_id, op, None, None, None)
-    msg = decode_message(message)
-    new = old = unchanged = None
-    if isinstance(msg, Insert):
-        new, unchanged = _values(msg.new)
-    elif isinstance(msg, Update):
-        new, unchanged = _values(msg.new)
-        old = _values(msg.old)[0] if msg.old is not None else None
-        if unchanged and msg.old is not None and not msg.old_is_key:
-            # REPLICA IDENTITY FULL: the old row carries (detoasted) the values the new row
-            # left out as unchanged, so the stream did carry them after all.
-            for i in unchanged:
-                if msg.old[i] is not UNCHANGED_TOAST:
-                    new[i] = msg.old[i]  # type: ignore[assignment]
-            unchanged = [i for i in unchanged if msg.old[i] is UNCHANGED_TOAST] or None
-    elif isinstance(msg, Delete):
-        old = _values(msg.old)[0]
-    else:
-        raise StateError(f"staged change at {Position(commit_lsn, seq)} holds a "
-                         f"{type(msg).__name__} message, not a row change")
-    return StoredChange(commit_lsn, seq, batch_id, relation_id, op, new, old, unchanged)
 
 
 def _first_line(err: BaseException) -> str:

@@ -33,16 +33,17 @@ from typing import Any
 
 import psycopg
 
-from .backfill import SnapshotReport, repair_keys
+from ..backfill.reader import SnapshotReport, repair_keys
+from ..capture.source import connect_text, describe_relation
+from ..mapping.keys import key_text
+from ..mapping.mapper import TableMapper
+from ..spec import HttpTargetSpec, PipelineSpec, PostgresTargetSpec, SyncSpec
+from ..staging.held import HeldStore
+from ..staging.store import Position, StateStore
+from ..wire.pgoutput import parse_lsn
 from .drift import KeyDrift, TableDrift
-from .held import HeldStore, key_text
-from .mapping import TableMapper
-from .pgoutput import parse_lsn
-from .reconcile import compare_postgres, recheck_postgres
-from .reconcile_http import compare_http, recheck_http
-from .source import connect_text, describe_relation
-from .spec import HttpTargetSpec, PipelineSpec, PostgresTargetSpec, SyncSpec
-from .state import Position, StateStore
+from .http import compare_http, recheck_http
+from .postgres import compare_postgres, recheck_postgres
 
 CatchUp = Callable[[], None]
 """Called while waiting for the pipeline to catch up (tests pull and deliver here; under Dagster

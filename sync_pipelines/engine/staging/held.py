@@ -23,7 +23,6 @@ Every write that moves changes between states is one transaction.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,24 +31,8 @@ from typing import Any
 
 from psycopg import sql
 
-from .mapping import Delete, TargetOp, Upsert
-from .spec import RetrySpec
-from .state import Position, StateStore
-
-
-def change_key(table: str, ops: Sequence[TargetOp]) -> str:
-    """The key a change is held under: that of its last row operation (a key-changing UPDATE
-    is held under its new key; a TRUNCATE under the table's ``"*"``)."""
-    key: Sequence[Any] = ("*",)
-    for op in ops:
-        if isinstance(op, Upsert | Delete):
-            key = op.key
-    return key_text(table, key)
-
-
-def key_text(table: str, key: Sequence[Any]) -> str:
-    """The stored form of a key: JSON ``[table, value, ...]`` (values as sent)."""
-    return json.dumps([table, *[v if v is None or isinstance(v, str) else str(v) for v in key]])
+from ..spec import RetrySpec
+from .store import Position, StateStore
 
 
 def backoff(policy: RetrySpec, attempts: int, retry_after_s: float | None = None,

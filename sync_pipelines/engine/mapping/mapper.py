@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from . import pgtypes
-from .errors import SpecError
-from .pgoutput import Relation
-from .spec import CastType, FilterClause, PipelineSpec, TableMapping
-from .state import Position, StoredChange
+from ..errors import SpecError
+from ..spec import CastType, FilterClause, PipelineSpec, TableMapping
+from ..wire import pgtypes
+from ..wire.change import Position, StoredChange
+from ..wire.pgoutput import Relation
 
 Key = tuple[Any, ...]
 

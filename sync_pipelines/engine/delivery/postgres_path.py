@@ -23,15 +23,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 
-from .errors import TerminalDeliveryError, TransientDeliveryError
-from .faults import NO_FAULTS, Faults
-from .held import Failure, HeldChange, HeldStore, change_key
-from .mapping import Mapper, TargetOp
-from .pgoutput import format_lsn
-from .refetch import RefetchStore, Request
+from ..errors import TerminalDeliveryError, TransientDeliveryError
+from ..faults import NO_FAULTS, Faults
+from ..mapping.keys import change_key
+from ..mapping.mapper import Mapper, TargetOp
+from ..spec import PipelineSpec
+from ..staging.held import Failure, HeldChange, HeldStore
+from ..staging.refetch import RefetchStore, Request
+from ..staging.store import BatchInfo, StateStore
+from ..wire.change import Position, StoredChange, decode_change
+from ..wire.pgoutput import format_lsn
 from .sinks.postgres import ApplyStats, Missing, PostgresSink
-from .spec import PipelineSpec
-from .state import BatchInfo, Position, StateStore, StoredChange, _decode_stored
 
 
 @dataclass(frozen=True)
@@ -241,7 +243,7 @@ def sweep_postgres(
         entries: list[tuple[HeldChange, list[TargetOp]]] = []
         for key in keys:
             for hc in held.chain(key):
-                ch = _decode_stored(hc.position.commit_lsn, hc.position.seq, 0, hc.relation_id,
+                ch = decode_change(hc.position.commit_lsn, hc.position.seq, 0, hc.relation_id,
                                     hc.op, hc.message)
                 tm = mapper.table_mapper(ch.relation_id)
                 if tm is not None:

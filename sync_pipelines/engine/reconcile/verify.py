@@ -17,10 +17,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import pgtypes
-from .mapping import TableMapper
-from .source import TEXT_FORMAT_SETTINGS, describe_relation
-from .spec import PipelineSpec
+from ..capture.source import describe_relation
+from ..mapping.mapper import TableMapper
+from ..spec import PipelineSpec
+from ..wire import pgtypes
+from ..wire.pgtypes import TEXT_FORMAT_SETTINGS
 
 
 @dataclass

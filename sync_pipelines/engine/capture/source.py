@@ -23,14 +23,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .errors import SlotConflictError, SourceConfigError, SourceUnavailableError
-from .pgoutput import Column, Relation, format_lsn, parse_lsn
-from .spec import PipelineSpec
-
-TEXT_FORMAT_SETTINGS = (
-    "SET datestyle = 'ISO, YMD'; SET intervalstyle = 'postgres'; SET timezone = 'UTC'; "
-    "SET extra_float_digits = 3; SET bytea_output = 'hex'"
-)
+from ..errors import SlotConflictError, SourceConfigError, SourceUnavailableError
+from ..spec import PipelineSpec
+from ..wire.pgoutput import Column, Relation, format_lsn, parse_lsn
+from ..wire.pgtypes import TEXT_FORMAT_SETTINGS
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ from typing import Any, Literal
 
 from psycopg import sql
 
-from .pgoutput import Delete, Insert, Relation, Update, decode_message
-from .state import StateStore
+from ..wire.pgoutput import Delete, Insert, Relation, Update, decode_message
+from .store import StateStore
 
 PREFIX = "sync_pipelines.snapshot"
 """Prefix of our logical decoding messages; other prefixes are ignored."""

@@ -68,8 +68,8 @@ from decimal import Decimal
 from typing import Any, TypeVar, cast
 from urllib.parse import quote
 
-from ..mapping import Delete, TargetOp, Upsert
-from ..pgoutput import format_lsn
+from ...mapping.mapper import Delete, TargetOp, Upsert
+from ...wire.pgoutput import format_lsn
 from .http_wire import (
     Connection,
     Origin,

@@ -56,12 +56,12 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from . import pgtypes
+from ..capture.source import describe_relation
+from ..mapping.mapper import TableMapper
+from ..spec import PipelineSpec, PostgresTargetSpec
+from ..wire import pgtypes
 from .drift import Key, KeyDrift, TableDrift
-from .mapping import TableMapper
-from .reconcile_sql import Chunks, KeyRange, Rows, Side, catalog, prefetch, read_only
-from .source import describe_relation
-from .spec import PipelineSpec, PostgresTargetSpec
+from .sql import Chunks, KeyRange, Rows, Side, catalog, prefetch, read_only
 
 SUB_ROWS = 32
 """Keys per hash sub-bucket of a range (range-hash): a drifted key costs fetching about this

@@ -82,13 +82,14 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from . import pgtypes
+from ..capture.source import describe_relation
+from ..delivery.sinks.http import ERROR_BODY_CHARS, USER_AGENT, Endpoint, encode_body
+from ..errors import SpecError, TerminalDeliveryError, TransientDeliveryError
+from ..mapping.mapper import TableMapper
+from ..spec import HttpTargetSpec, PipelineSpec, qualify
+from ..wire import pgtypes
+from ..wire.pgtypes import TEXT_FORMAT_SETTINGS
 from .drift import Key, KeyDrift, TableDrift
-from .errors import SpecError, TerminalDeliveryError, TransientDeliveryError
-from .mapping import TableMapper
-from .sinks.http import ERROR_BODY_CHARS, USER_AGENT, Endpoint, encode_body
-from .source import TEXT_FORMAT_SETTINGS, describe_relation
-from .spec import HttpTargetSpec, PipelineSpec, qualify
 
 METHOD = "http-list"
 _INT_OIDS = frozenset({20, 21, 23})  # int8, int2, int4

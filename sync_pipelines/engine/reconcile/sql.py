@@ -28,8 +28,8 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
+from ..wire.pgtypes import TEXT_FORMAT_SETTINGS
 from .drift import Key
-from .source import TEXT_FORMAT_SETTINGS
 
 Rows = list[tuple[Any, ...]]
 Chunks = Generator[Rows, None, None]

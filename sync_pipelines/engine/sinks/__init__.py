@@ -1,1 +1,0 @@
-"""Sinks: where mapped changes are applied. One module per kind of target."""

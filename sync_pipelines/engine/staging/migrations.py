@@ -1,0 +1,175 @@
+"""The state schema's migrations, applied in order and idempotently by
+:meth:`.store.StateStore.migrate` (under an advisory lock, so concurrent start-ups are safe).
+
+Each entry is one version's DDL with ``{schema}`` for the state schema; a version is never
+edited once released — a change is a new entry. A crash inside a migration rolls it back
+whole (one transaction per start-up), and the next start-up applies it again.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # 1: the initial schema.
+    """
+    CREATE TABLE {schema}.pipeline (
+        pipeline     text PRIMARY KEY,
+        slot         text NOT NULL,
+        staged_lsn   bigint NOT NULL DEFAULT 0,
+        staged_seq   integer NOT NULL DEFAULT -1,
+        next_batch   bigint NOT NULL DEFAULT 1,
+        advanced_lsn bigint,
+        updated_at   timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE {schema}.relation (
+        relation_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        pipeline     text NOT NULL,
+        fingerprint  text NOT NULL,
+        source_oid   bigint NOT NULL,
+        namespace    text NOT NULL,
+        name         text NOT NULL,
+        replica_identity text NOT NULL,
+        columns      jsonb NOT NULL,
+        first_seen   timestamptz NOT NULL DEFAULT now(),
+        UNIQUE (pipeline, fingerprint)
+    );
+    CREATE TABLE {schema}.batch (
+        pipeline     text NOT NULL,
+        batch_id     bigint NOT NULL,
+        first_lsn    bigint NOT NULL,
+        first_seq    integer NOT NULL,
+        last_lsn     bigint NOT NULL,
+        last_seq     integer NOT NULL,
+        n_changes    integer NOT NULL,
+        first_commit_ts timestamptz,
+        last_commit_ts  timestamptz,
+        staged_at    timestamptz NOT NULL DEFAULT now(),
+        requested_at timestamptz,
+        PRIMARY KEY (pipeline, batch_id)
+    );
+    CREATE TABLE {schema}.change (
+        pipeline     text NOT NULL,
+        commit_lsn   bigint NOT NULL,
+        seq          integer NOT NULL,
+        batch_id     bigint NOT NULL,
+        xid          bigint NOT NULL,
+        commit_ts    timestamptz NOT NULL,
+        relation_id  bigint NOT NULL,
+        op           text NOT NULL,
+        message      bytea NOT NULL,
+        PRIMARY KEY (pipeline, commit_lsn, seq)
+    );
+    CREATE TABLE {schema}.delivery (
+        pipeline     text NOT NULL,
+        target       text NOT NULL,
+        commit_lsn   bigint NOT NULL,
+        seq          integer NOT NULL,
+        batch_id     bigint NOT NULL,
+        updated_at   timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (pipeline, target)
+    );
+    """,
+    # 2: changes held per key for a target (retry head + parked), dead letters, HTTP ledger.
+    """
+    CREATE TABLE {schema}.held (
+        pipeline     text NOT NULL,
+        target       text NOT NULL,
+        key          text NOT NULL,
+        commit_lsn   bigint NOT NULL,
+        seq          integer NOT NULL,
+        relation_id  bigint NOT NULL,
+        op           text NOT NULL,
+        message      bytea NOT NULL,
+        attempts     integer NOT NULL DEFAULT 0,
+        next_attempt_at timestamptz,
+        last_status  integer,
+        last_error   text,
+        held_since   timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (pipeline, target, commit_lsn, seq)
+    );
+    CREATE INDEX held_by_key ON {schema}.held (pipeline, target, key, commit_lsn, seq);
+    CREATE TABLE {schema}.dead_letter (
+        dead_letter_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        pipeline     text NOT NULL,
+        target       text NOT NULL,
+        key          text NOT NULL,
+        commit_lsn   bigint NOT NULL,
+        seq          integer NOT NULL,
+        relation_id  bigint NOT NULL,
+        op           text NOT NULL,
+        message      bytea NOT NULL,
+        attempts     integer NOT NULL,
+        last_status  integer,
+        reason       text NOT NULL,
+        dead_at      timestamptz NOT NULL DEFAULT now(),
+        resolved_at  timestamptz,
+        resolution   text
+    );
+    CREATE INDEX dead_letter_open ON {schema}.dead_letter (pipeline, target, key)
+        WHERE resolved_at IS NULL;
+    CREATE UNIQUE INDEX dead_letter_once ON {schema}.dead_letter
+        (pipeline, target, commit_lsn, seq) WHERE resolved_at IS NULL;
+    CREATE TABLE {schema}.ledger (
+        pipeline     text NOT NULL,
+        target       text NOT NULL,
+        commit_lsn   bigint NOT NULL,
+        seq          integer NOT NULL,
+        sub          integer NOT NULL,
+        status       integer,
+        delivered_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (pipeline, target, commit_lsn, seq, sub)
+    );
+    """,
+    # 3: snapshots (initial backfill, repair) read in key-ordered chunks and placed in the
+    # stream between watermarks; see snapshots.py.
+    """
+    CREATE TABLE {schema}.snapshot (
+        snapshot_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        pipeline     text NOT NULL,
+        table_name   text NOT NULL,
+        kind         text NOT NULL,
+        status       text NOT NULL DEFAULT 'running',
+        last_key     text[],
+        chunks       integer NOT NULL DEFAULT 0,
+        rows         bigint NOT NULL DEFAULT 0,
+        rows_estimate bigint,
+        started_at   timestamptz NOT NULL DEFAULT now(),
+        updated_at   timestamptz NOT NULL DEFAULT now(),
+        finished_at  timestamptz,
+        error        text
+    );
+    CREATE INDEX snapshot_by_table ON {schema}.snapshot (pipeline, table_name, kind, status);
+    CREATE TABLE {schema}.snapshot_chunk (
+        chunk_id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        snapshot_id  bigint NOT NULL,
+        pipeline     text NOT NULL,
+        relation_id  bigint NOT NULL,
+        key_names    text[] NOT NULL,
+        messages     bytea[],
+        low_lsn      bigint,
+        high_lsn     bigint,
+        placed       integer,
+        conflicts    integer,
+        emitted      boolean NOT NULL DEFAULT false,
+        abandoned    boolean NOT NULL DEFAULT false,
+        created_at   timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX snapshot_chunk_open ON {schema}.snapshot_chunk (pipeline, low_lsn)
+        WHERE NOT abandoned;
+    """,
+    # 4: rows to re-read from the source because a change did not carry every value and the
+    # target had no copy to take the rest from; see refetch.py.
+    """
+    CREATE TABLE {schema}.refetch (
+        pipeline     text NOT NULL,
+        target       text NOT NULL,
+        commit_lsn   bigint NOT NULL,
+        seq          integer NOT NULL,
+        table_name   text NOT NULL,
+        key          text[] NOT NULL,
+        reason       text NOT NULL,
+        requested_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (pipeline, target, commit_lsn, seq, table_name, key)
+    );
+    CREATE INDEX refetch_by_age ON {schema}.refetch (pipeline, requested_at);
+    """,
+]
