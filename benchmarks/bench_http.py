@@ -3,7 +3,7 @@
 
 Measures the path the delivery job takes for an HTTP target:
 :func:`~sync_pipelines.engine.pipeline.deliver_pipeline` on changes that are already staged
-(``deliver_http`` → ``HttpSink``, per-key order, bounded concurrency), against the reference
+(``deliver_http`` → ``HttpClient``, per-key order, bounded concurrency), against the reference
 CRM service run as a **separate process** (``python -m sync_pipelines.crm_service``), so the
 server's CPU does not share a GIL with the deliverer. The CRM adds a fixed latency to every
 request (``POST /_admin/faults {"latency_ms": 20}``) and the target's concurrency is 64, so
@@ -34,7 +34,7 @@ Workloads (``--changes`` N, default 10,000; ``--quick`` uses 2,000):
 
 Bounds printed beside the measured rate: Little's law (``C / L``); per-key serialization, the
 hottest key's chain × ``L`` over the whole run and per send window (``deliver_http`` sends
-consecutive staged batches together, up to ``WINDOW_CHANGES`` changes per ``HttpSink.send``
+consecutive staged batches together, up to ``WINDOW_CHANGES`` changes per ``HttpClient.send``
 call, and each call waits for its last request); and a simulation of the engine's own schedule
 (one task per key chain, ``C`` lanes handed out first come first served, a barrier per window,
 every request taking exactly ``L``, zero CPU).
@@ -42,15 +42,15 @@ every request taking exactly ``L``, zero CPU).
 Client ceilings (skip with ``--skip-ceilings``): the same number of PUTs on distinct contacts,
 same latency and concurrency, without the engine, each in a fresh interpreter: the sink's own
 client (``http_wire.Connection``, 64 lanes), httpx with 64 one-connection clients as
-``HttpSink`` built them before it had its own client (on asyncio's loop and on uvloop), aiohttp
+``HttpClient`` built them before it had its own client (on asyncio's loop and on uvloop), aiohttp
 with one ``ClientSession`` and ``TCPConnector(limit=64)`` (optional: skipped with a note if
 aiohttp is not importable; it is not a project dependency), and a hand-written HTTP/1.1 client
 on asyncio streams. They separate the engine's cost from the HTTP client library's and show
 what this machine and the CRM process allow.
 
 The deliverer is instrumented from outside (``--no-instrument`` turns it off): a wrapper
-around ``HttpSink._attempt`` times each request inside its lane (p50/p95 latency, mean requests
-in flight = Σ latency / wall) and one around ``HttpSink.send`` times each batch's sending.
+around ``HttpClient._attempt`` times each request inside its lane (p50/p95 latency, mean requests
+in flight = Σ latency / wall) and one around ``HttpClient.send`` times each batch's sending.
 
 Usage::
 
@@ -95,7 +95,7 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout
 
 from machine import machine_info, peak_rss_kb  # noqa: E402  (benchmarks/machine.py)
 
-from sync_pipelines.engine.delivery.http_path import WINDOW_CHANGES  # noqa: E402
+from sync_pipelines.engine.delivery.sinks.http import WINDOW_CHANGES  # noqa: E402
 from sync_pipelines.engine.spec import SyncSpec, parse_spec  # noqa: E402
 
 PIPELINE = "bench_http"
@@ -168,20 +168,20 @@ def deliver_main(config: dict[str, Any]) -> None:
     """Child process: ``deliver_pipeline`` until every staged change is delivered; print a JSON
     report on the last line.
 
-    With ``instrument`` the sink is timed from outside: ``HttpSink._attempt`` (one request,
+    With ``instrument`` the sink is timed from outside: ``HttpClient._attempt`` (one request,
     inside the concurrency semaphore: its duration is the request latency as the engine sees
-    it, event-loop delays included) and ``HttpSink.send`` (one call per send window). The
+    it, event-loop delays included) and ``HttpClient.send`` (one call per send window). The
     wrappers add one coroutine frame per request and nothing to the engine's files.
     """
     baseline_kb = peak_rss_kb()
-    from sync_pipelines.engine.delivery.sinks.http import HttpSink
+    from sync_pipelines.engine.delivery.sinks.http_client import HttpClient
     from sync_pipelines.engine.pipeline import deliver_pipeline
 
     spec = build_spec(config["policy"], config["concurrency"])
     attempts: list[tuple[float, float]] = []
     sends: list[tuple[float, float, int]] = []
     if config.get("instrument"):
-        orig_attempt, orig_send = HttpSink._attempt, HttpSink.send
+        orig_attempt, orig_send = HttpClient._attempt, HttpClient.send
 
         async def timed_attempt(self: Any, *a: Any, **k: Any) -> Any:
             t = time.perf_counter()
@@ -199,8 +199,8 @@ def deliver_main(config: dict[str, Any]) -> None:
             finally:
                 sends.append((t, time.perf_counter(), len(out)))
 
-        HttpSink._attempt = timed_attempt  # type: ignore[method-assign]
-        HttpSink.send = timed_send  # type: ignore[method-assign]
+        HttpClient._attempt = timed_attempt  # type: ignore[method-assign]
+        HttpClient.send = timed_send  # type: ignore[method-assign]
     imported_kb = peak_rss_kb()
     expected = config["expected"]
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -435,7 +435,7 @@ def ceiling_main(config: dict[str, Any]) -> None:
                 t = time.perf_counter()
                 await asyncio.gather(*(aiohttp_lane(session) for _ in range(conc)))
                 return time.perf_counter() - t
-        ctx = httpx.create_ssl_context()  # one CA bundle load, as HttpSink does
+        ctx = httpx.create_ssl_context()  # one CA bundle load, as HttpClient does
         clients = [httpx.AsyncClient(base_url=url, verify=ctx, timeout=httpx.Timeout(10.0),
                                      limits=httpx.Limits(max_connections=1,
                                                          max_keepalive_connections=1))
@@ -1013,7 +1013,7 @@ def report(res: dict[str, Any]) -> str:
          f"{fmt_ms(r['deliver']['latency_s']['max'])}")
     line("mean requests in flight (Σ latency / wall)",
          lambda r: f"{r['deliver']['mean_in_flight']:.1f} of {c}")
-    line("time inside HttpSink.send / wall",
+    line("time inside HttpClient.send / wall",
          lambda r: f"{r['deliver']['send_s']:.2f} s / {r['deliver']['wall_s']:.2f} s")
     def cpu(r: dict[str, Any]) -> float:
         return float(r["deliver"]["cpu_user_s"] + r["deliver"]["cpu_sys_s"])
@@ -1134,7 +1134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="skewed: share of keys that are hot (default 0.01)")
     ap.add_argument("--seed", type=int, default=7, help="skewed: shuffle seed")
     ap.add_argument("--no-instrument", action="store_true",
-                    help="do not time HttpSink requests in the deliverer (no latency figures)")
+                    help="do not time HttpClient requests in the deliverer (no latency figures)")
     ap.add_argument("--skip-ceilings", action="store_true",
                     help="skip the client ceilings (the same PUTs without the engine)")
     ap.add_argument("--py-spy", action="store_true",

@@ -14,13 +14,14 @@ it is a ``BaseException`` the engine cannot swallow, and every connection is clo
 
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass
 
 import psycopg
 import pytest
 
 from sync_pipelines.engine.capture.source import Source
-from sync_pipelines.engine.delivery.postgres_path import deliver
+from sync_pipelines.engine.delivery.loop import deliver
 from sync_pipelines.engine.errors import SyncError, TransientDeliveryError
 from sync_pipelines.engine.faults import Faults, InjectedCrash
 from sync_pipelines.engine.pipeline import (
@@ -239,11 +240,11 @@ def test_trigger_log_detects_a_double_apply(monkeypatch, source_dsn, target_dsn,
     run_workload(source_dsn, transactions=20, seed=1)
     assert pull_pipeline(spec, "crm").changes > 0
     pipeline = spec.pipelines["crm"]
-    with open_state(spec) as state, open_sink(pipeline, "replica") as sink:
+    with open_state(spec) as state, closing(open_sink(pipeline, "replica")) as sink:
         deliver(state, pipeline, "replica", sink)  # no garbage collection: batches stay staged
     assert_versions_increase(target_dsn)
     execute(target_dsn, "DELETE FROM sync_checkpoint.checkpoint")
-    with open_state(spec) as state, open_sink(pipeline, "replica") as sink:
+    with open_state(spec) as state, closing(open_sink(pipeline, "replica")) as sink:
         deliver(state, pipeline, "replica", sink)
     with pytest.raises(AssertionError, match="written twice or out of order"):
         assert_versions_increase(target_dsn)

@@ -43,10 +43,10 @@ import h11
 import httpx
 import pytest
 
-from sync_pipelines.engine.delivery.sinks.http import (
+from sync_pipelines.engine.delivery.sinks.http_client import (
     Endpoint,
     HttpChange,
-    HttpSink,
+    HttpClient,
     http_change,
     idempotency_key,
     parse_retry_after,
@@ -55,7 +55,7 @@ from sync_pipelines.engine.mapping.mapper import Delete, Truncate, Upsert
 from sync_pipelines.engine.wire.change import Position
 
 Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
-MakeSink = Callable[..., HttpSink]
+MakeSink = Callable[..., HttpClient]
 
 
 class Drop(Exception):
@@ -191,11 +191,11 @@ def handler_server() -> Iterator[HandlerServer]:
 
 @pytest.fixture
 def sink(handler_server: HandlerServer) -> MakeSink:
-    """``sink(handler, **kw)``: an HttpSink to the test server, which runs ``handler``."""
+    """``sink(handler, **kw)``: an HttpClient to the test server, which runs ``handler``."""
 
-    def make(handler: Handler, **kw: Any) -> HttpSink:
+    def make(handler: Handler, **kw: Any) -> HttpClient:
         handler_server.handler = handler
-        return HttpSink(handler_server.url, **kw)
+        return HttpClient(handler_server.url, **kw)
 
     return make
 
@@ -535,7 +535,7 @@ def test_a_refused_connection_is_transient() -> None:
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with HttpSink(f"http://127.0.0.1:{port}", timeout_s=2) as s:
+    with HttpClient(f"http://127.0.0.1:{port}", timeout_s=2) as s:
         [out] = s.send([change(0, "a")])
     assert (out.ok, out.transient, out.status) == (False, True, None)
     assert out.error is not None and out.error.startswith(
@@ -584,7 +584,7 @@ def test_a_body_that_cannot_be_encoded_is_terminal_and_not_sent(sink: MakeSink) 
 
 def test_base_url_credentials_become_basic_auth_and_are_not_shown(
         handler_server: HandlerServer, sink: MakeSink) -> None:
-    s = HttpSink("https://user:pw@crm.example/api/")
+    s = HttpClient("https://user:pw@crm.example/api/")
     assert "pw" not in repr(s) and "crm.example/api" in repr(s)
     s.close()
     seen: list[httpx.Request] = []
@@ -595,7 +595,7 @@ def test_base_url_credentials_become_basic_auth_and_are_not_shown(
 
     sink(handler).close()  # installs the handler
     url = handler_server.url.replace("http://", "http://us%40er:p%3Aw@") + "/api/v2/"
-    with HttpSink(url) as s:
+    with HttpClient(url) as s:
         assert s.send([change(0, "a")])[0].ok
     assert seen[0].url.raw_path == b"/api/v2/contacts/a"  # the base path is kept
     assert seen[0].headers["Authorization"] == httpx.BasicAuth("us@er", "p:w")._auth_header
@@ -613,13 +613,13 @@ def test_base_url_credentials_become_basic_auth_and_are_not_shown(
 )
 def test_unusable_base_urls_are_refused(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        HttpSink(url)
+        HttpClient(url)
 
 
 def test_a_pipeline_with_an_unusable_base_url_fails_with_a_spec_error(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from sync_pipelines.engine.errors import SpecError
-    from sync_pipelines.engine.pipeline import open_http_sink
+    from sync_pipelines.engine.pipeline import open_sink
     from sync_pipelines.engine.spec import parse_spec
 
     spec = parse_spec({
@@ -633,7 +633,7 @@ def test_a_pipeline_with_an_unusable_base_url_fails_with_a_spec_error(
     }, source="test")
     monkeypatch.setenv("TEST_CRM_URL", "ftp://user:hunter2@crm.example/")
     with pytest.raises(SpecError) as err:
-        open_http_sink(spec.pipelines["crm"], "api")
+        open_sink(spec.pipelines["crm"], "api")
     message = str(err.value)
     assert "pipeline 'crm': target 'api'" in message and "$TEST_CRM_URL" in message
     assert "http:// or https://" in message and "hunter2" not in message
@@ -642,7 +642,7 @@ def test_a_pipeline_with_an_unusable_base_url_fails_with_a_spec_error(
 @pytest.mark.parametrize("headers", [{"X-Bad": "a\r\nInjected: 1"}, {"Bad Name": "v"}])
 def test_header_injection_is_refused(headers: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="header"):
-        HttpSink("http://127.0.0.1:1", headers=headers)
+        HttpClient("http://127.0.0.1:1", headers=headers)
 
 
 # -- Endpoint, idempotency key, Retry-After ------------------------------------------------------
@@ -820,7 +820,7 @@ def test_real_server_concurrency_across_keys_with_per_key_order(server: tuple[st
     url, app = server
     latency, n, keys, concurrency = 0.02, 200, 50, 32
     changes = interleaved(n_keys=keys, per_key=n // keys, seed=3)
-    with HttpSink(url, concurrency=concurrency) as s:
+    with HttpClient(url, concurrency=concurrency) as s:
         s.send([change(10_000, "warmup")])
         app.state.arrivals.clear()
         t0 = time.perf_counter()
@@ -861,7 +861,7 @@ def _bench_one(label: str, url: str, changes: list[HttpChange], concurrency: int
                latency: float) -> None:
     chain = max(Counter(c.key for c in changes).values())
     bound = max(len(changes) * latency / concurrency, chain * latency)
-    with HttpSink(url, concurrency=concurrency) as s:
+    with HttpClient(url, concurrency=concurrency) as s:
         s.send([change(0, "warmup")])
         t0, cpu0 = time.perf_counter(), time.process_time()
         out = s.send(changes)

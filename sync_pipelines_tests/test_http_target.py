@@ -9,14 +9,12 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 
-from sync_pipelines.engine.delivery.http_path import sweep_http
 from sync_pipelines.engine.faults import Faults, InjectedCrash
 from sync_pipelines.engine.pipeline import (
     deliver_pipeline,
-    open_http_sink,
-    open_state,
     pull_pipeline,
     resolve_dead_letters,
+    sweep_target,
     target_health,
 )
 from sync_pipelines.engine.spec import parse_spec
@@ -68,8 +66,7 @@ def sync(spec, now=None):
 
 
 def sweep(spec, now):
-    with open_state(spec) as state, open_http_sink(spec.pipelines["crm"], "api") as http:
-        return sweep_http(state, spec.pipelines["crm"], "api", http, now=now)
+    return sweep_target(spec, "crm", "api", now=now)
 
 
 def versions_seen(crm_server) -> dict[str, list[int]]:
@@ -213,10 +210,8 @@ def test_sweep_killed_mid_way_loses_and_duplicates_nothing(crm, crm_server, sour
     crm_server.set_faults()
     later = datetime.now(timezone.utc) + LATER
     # The sweep sent everything, then "died" before recording it.
-    with open_state(crm) as state, open_http_sink(crm.pipelines["crm"], "api") as http, \
-            pytest.raises(InjectedCrash):
-        sweep_http(state, crm.pipelines["crm"], "api", http, now=later,
-                   faults=Faults(["after_send"]))
+    with pytest.raises(InjectedCrash):
+        sweep_target(crm, "crm", "api", now=later, faults=Faults(["after_send"]))
     assert target_health(crm, "crm")[0].held == 9  # nothing was released
     swept = sweep(crm, later)  # the restarted sweep re-sends with the same keys
     assert swept.delivered == 9

@@ -3,16 +3,17 @@
 These are the entry points an orchestrator calls — the Dagster layer, the benchmark and the
 tests all go through them, so each exercises the same path:
 
-* :func:`pull_pipeline` — one sensor tick's work (see :mod:`.ingest`);
-* :func:`deliver_pipeline` — one delivery run's work for every target (see :mod:`.deliver`),
-  followed by clean-up of batches every target has applied;
+* :func:`pull_pipeline` — one sensor tick's work (see :mod:`.capture.puller`);
+* :func:`deliver_target` — one delivery run's work for one target (see
+  :mod:`.delivery.loop`), followed by clean-up of batches every target has applied;
+  :func:`deliver_pipeline` does it for every target, each on its own;
 * :func:`stale_batch` — the oldest batch left undelivered for too long (a failed run), so the
   sensor can ask for it again;
-* :func:`sweep_pipeline`, :func:`resolve_dead_letters` — the retry schedule and the operator's
-  dead-letter actions;
+* :func:`sweep_target`, :func:`sweep_pipeline`, :func:`resolve_dead_letters` — the retry
+  schedule (:mod:`.delivery.sweep`) and the operator's dead-letter actions;
 * :func:`backfill_pipeline`, :func:`backfill_plan` — rows that existed before the
   slot, read into the stream (see :mod:`.backfill`);
-* :func:`reconcile` — end-of-day drift check and repair (see :mod:`.reconciliation`).
+* :func:`reconcile` — end-of-day drift check and repair (see :mod:`.reconcile`).
 
 Connections are opened per call and closed on return, crash or not.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -28,15 +30,15 @@ from .backfill.reader import Progress, SnapshotReport, backfill_table
 from .backfill.refetch import refetch_pending
 from .capture.puller import PullReport, pull
 from .capture.source import Source
-from .delivery.http_path import deliver_http, sweep_http
-from .delivery.postgres_path import DeliveryReport, SweepReport, deliver, sweep_postgres
-from .delivery.sinks.http import HttpSink
-from .delivery.sinks.postgres import PostgresSink
-from .errors import SpecError
+from .delivery.loop import deliver
+from .delivery.report import DeliveryReport, SweepReport
+from .delivery.sinks.registry import open_sink
+from .delivery.sweep import sweep
+from .errors import SpecError, SyncError
 from .faults import NO_FAULTS, Faults
 from .reconcile.drift import TableDrift
 from .reconcile.run import CatchUp, ReconcileReport, reconcile_pipeline
-from .spec import HttpTargetSpec, PipelineSpec, PostgresTargetSpec, SyncSpec
+from .spec import PipelineSpec, PostgresTargetSpec, SyncSpec
 from .staging.held import HeldStore
 from .staging.snapshots import SnapshotInfo, SnapshotStore
 from .staging.store import BatchInfo, StateStore
@@ -50,27 +52,6 @@ def open_source(pipeline: PipelineSpec) -> Source:
     return Source(pipeline.source.resolve(f"pipeline {pipeline.name!r}: source"), pipeline)
 
 
-def open_sink(pipeline: PipelineSpec, target: str) -> PostgresSink:
-    tspec = pipeline.targets[target]
-    assert isinstance(tspec, PostgresTargetSpec)
-    dsn = tspec.resolve(f"pipeline {pipeline.name!r}: target {target!r}")
-    return PostgresSink(dsn, pipeline=pipeline.name, target=target, spec=tspec)
-
-
-def open_http_sink(pipeline: PipelineSpec, target: str) -> HttpSink:
-    tspec = pipeline.targets[target]
-    assert isinstance(tspec, HttpTargetSpec)
-    what = f"pipeline {pipeline.name!r}: target {target!r}"
-    headers, auth = tspec.credentials(what)
-    base_url = tspec.base_url(f"{what} base URL")
-    try:
-        return HttpSink(base_url, headers=headers, auth=auth,
-                        idempotency_header=tspec.idempotency_header,
-                        concurrency=tspec.concurrency, timeout_s=tspec.timeout_seconds)
-    except ValueError as err:  # the message never carries the URL's credentials or headers' values
-        raise SpecError(f"{what} (base URL from ${tspec.base_url_env}): {err}") from None
-
-
 def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS) -> PullReport:
     """One sensor tick: re-read the rows delivery asked for (their watermarks go into the WAL
     first, so this very pull meets them; their few rows are not held to the demand budget),
@@ -82,23 +63,40 @@ def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS) -> P
                                    refetch=refetched)
 
 
+def _target(pipeline: PipelineSpec, target: str) -> None:
+    if target not in pipeline.targets:
+        raise SpecError(f"pipeline {pipeline.name!r} has no target {target!r} "
+                        f"(targets: {', '.join(pipeline.targets)})")
+
+
+def deliver_target(spec: SyncSpec, name: str, target: str, *, upto_batch: int | None = None,
+                   faults: Faults = NO_FAULTS) -> DeliveryReport:
+    """One delivery run's work for one target (see :mod:`.delivery.loop`), then clean-up of
+    the batches every target has applied."""
+    pipeline = spec.pipelines[name]
+    _target(pipeline, target)
+    with open_state(spec) as state:
+        with closing(open_sink(pipeline, target)) as sink:
+            report = deliver(state, pipeline, target, sink, upto_batch=upto_batch,
+                             faults=faults)
+        state.collect_garbage(name, list(pipeline.targets))
+    return report
+
+
 def deliver_pipeline(
     spec: SyncSpec, name: str, *, upto_batch: int | None = None, faults: Faults = NO_FAULTS
 ) -> list[DeliveryReport]:
-    pipeline = spec.pipelines[name]
-    reports = []
-    with open_state(spec) as state:
-        for target, tspec in pipeline.targets.items():
-            if isinstance(tspec, HttpTargetSpec):
-                with open_http_sink(pipeline, target) as http:
-                    reports.append(deliver_http(state, pipeline, target, http,
-                                                upto_batch=upto_batch, faults=faults))
-                continue
-            with open_sink(pipeline, target) as sink:
-                reports.append(
-                    deliver(state, pipeline, target, sink, upto_batch=upto_batch, faults=faults)
-                )
-        state.collect_garbage(name, list(pipeline.targets))
+    """Deliver to every target, each on its own: a target that fails does not keep the others
+    from their changes. The first target's error is raised once all were tried."""
+    reports, errors = [], []
+    for target in spec.pipelines[name].targets:
+        try:
+            reports.append(deliver_target(spec, name, target, upto_batch=upto_batch,
+                                          faults=faults))
+        except SyncError as err:
+            errors.append(err)
+    if errors:
+        raise errors[0]
     return reports
 
 
@@ -140,19 +138,33 @@ def compare_tables(spec: SyncSpec, name: str) -> list[str]:
     return problems
 
 
+def sweep_target(spec: SyncSpec, name: str, target: str, *, now: datetime | None = None,
+                 faults: Faults = NO_FAULTS) -> SweepReport:
+    """The retry schedule's work for one target (see :mod:`.delivery.sweep`)."""
+    pipeline = spec.pipelines[name]
+    _target(pipeline, target)
+    with open_state(spec) as state:
+        if not HeldStore(state, name, target).counts()[0]:  # only connect if work is held
+            return SweepReport(name, target)
+        with closing(open_sink(pipeline, target)) as sink:
+            return sweep(state, pipeline, target, sink, now=now, faults=faults)
+
+
 def sweep_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS
                    ) -> list[SweepReport]:
-    """The retry schedule's work: deliver due retries of every target, in key order."""
+    """Deliver due retries of every target that holds any, in key order, each target on its
+    own (the first error is raised once all were tried); a report per target swept."""
+    reports, errors = [], []
     pipeline = spec.pipelines[name]
-    reports = []
     with open_state(spec) as state:
-        for target, tspec in pipeline.targets.items():
-            if isinstance(tspec, HttpTargetSpec):
-                with open_http_sink(pipeline, target) as http:
-                    reports.append(sweep_http(state, pipeline, target, http, faults=faults))
-            elif HeldStore(state, name, target).counts()[0]:  # only connect if work is held
-                with open_sink(pipeline, target) as sink:
-                    reports.append(sweep_postgres(state, pipeline, target, sink))
+        holding = [t for t in pipeline.targets if HeldStore(state, name, t).counts()[0]]
+    for target in holding:  # a target with nothing held is not even connected to
+        try:
+            reports.append(sweep_target(spec, name, target, faults=faults))
+        except SyncError as err:
+            errors.append(err)
+    if errors:
+        raise errors[0]
     return reports
 
 
@@ -183,9 +195,7 @@ def resolve_dead_letters(spec: SyncSpec, name: str, target: str, *, action: str,
                          reason: str = "") -> int:
     """Redrive (back in front of their keys, due now) or discard (with a reason) dead letters."""
     pipeline = spec.pipelines[name]
-    if target not in pipeline.targets:
-        raise SpecError(f"pipeline {name!r} has no target {target!r} "
-                        f"(targets: {', '.join(pipeline.targets)})")
+    _target(pipeline, target)
     with open_state(spec) as state:
         store = HeldStore(state, name, target)
         if action == "redrive":

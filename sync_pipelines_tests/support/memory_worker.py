@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from sync_pipelines.engine.wire import pgoutput as po
 from sync_pipelines.engine.pipeline import deliver_pipeline, open_source, pull_pipeline
 from sync_pipelines.engine.spec import parse_spec
+from sync_pipelines.engine.wire import pgoutput as po
 
 
 def main(mode: str, spec_json: str) -> None:

@@ -83,7 +83,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from ..capture.source import describe_relation
-from ..delivery.sinks.http import ERROR_BODY_CHARS, USER_AGENT, Endpoint, encode_body
+from ..delivery.sinks.http_client import ERROR_BODY_CHARS, USER_AGENT, Endpoint, encode_body
 from ..errors import SpecError, TerminalDeliveryError, TransientDeliveryError
 from ..mapping.mapper import TableMapper
 from ..spec import HttpTargetSpec, PipelineSpec, qualify
@@ -257,7 +257,7 @@ def _plan(source: psycopg.Connection[Any], pipeline: PipelineSpec, table: str,
 
 
 def _open_client(pipeline: PipelineSpec, target: str, tspec: HttpTargetSpec) -> httpx.Client:
-    """A client resolved like :func:`~.pipeline.open_http_sink` resolves the sink."""
+    """A client resolved like :func:`~..delivery.sinks.http.open_http_sink` resolves the sink."""
     what = f"pipeline {pipeline.name!r}: target {target!r}"
     secret, auth = tspec.credentials(what)
     headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **secret}

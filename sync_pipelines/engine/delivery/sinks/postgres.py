@@ -24,10 +24,10 @@ errors are terminal and name the table and constraint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg
@@ -37,28 +37,11 @@ from psycopg.types.json import Jsonb
 from ...errors import TerminalDeliveryError, TransientDeliveryError
 from ...mapping.compaction import TableOps, compact
 from ...mapping.mapper import TableMapper, TargetOp, Upsert
-from ...spec import PostgresTargetSpec
+from ...spec import PipelineSpec, PostgresTargetSpec
+from ...staging.held import Failure
 from ...wire.change import START, Position
 from ...wire.pgtypes import TEXT_FORMAT_SETTINGS
-
-
-@dataclass(frozen=True)
-class ApplyStats:
-    upserts: int = 0
-    """Rows written (or found identical, see ``unchanged``)."""
-    deletes: int = 0
-    truncates: int = 0
-    unchanged: int = 0
-    """Upserts of a row the target already had exactly (not rewritten)."""
-    refetch: int = 0
-    """Partial upserts for a key the target does not have: not written, the row is re-read
-    from the source instead (see :mod:`..refetch`)."""
-
-    def __add__(self, other: ApplyStats) -> ApplyStats:
-        return ApplyStats(self.upserts + other.upserts, self.deletes + other.deletes,
-                          self.truncates + other.truncates, self.unchanged + other.unchanged,
-                          self.refetch + other.refetch)
-
+from .base import ApplyResult, ApplyStats, Checkpoint, Item, Outcome, Record
 
 Missing = tuple[str, tuple[Any, ...]]
 """A key a partial upsert found missing in the target: ``(target table, key values)``."""
@@ -85,7 +68,9 @@ def _adapt(v: Any) -> Any:
 class PostgresSink:
     """Applies one pipeline's changes to one PostgreSQL target."""
 
-    def __init__(self, dsn: str, *, pipeline: str, target: str, spec: PostgresTargetSpec):
+    def __init__(self, dsn: str, *, pipeline: str, target: str, spec: PostgresTargetSpec,
+                 window_changes: int = 10_000):
+        self.window_changes = window_changes  # one staged batch per target transaction
         self.pipeline = pipeline
         self.target = target
         self.spec = spec
@@ -144,10 +129,11 @@ class PostgresSink:
 
     # -- schema ------------------------------------------------------------------------------
 
-    def prepare(self, tm: TableMapper, relation_version: int) -> None:
-        """Make sure the target table exists with every column the mapping sends."""
+    def prepare(self, tm: TableMapper, relation_version: int) -> bool:
+        """Make sure the target table exists with every column the mapping sends (a Postgres
+        target takes every table of its pipeline)."""
         if (tm.target_table, relation_version) in self._prepared:
-            return
+            return True
         with self._errors(f"preparing table {tm.target_table}"), self.conn.transaction():
             self._lock_ddl()
             cols = self._load_columns(tm.target_table)
@@ -174,6 +160,7 @@ class PostgresSink:
             self._load_columns(tm.target_table)
         self._keys[tm.target_table] = tm.key_names
         self._prepared.add((tm.target_table, relation_version))
+        return True
 
     def _sql_type(self, c: Any) -> str:
         if c.sql_type is not None:
@@ -210,58 +197,56 @@ class PostgresSink:
 
     # -- apply -------------------------------------------------------------------------------
 
-    def apply(self, ops: list[TargetOp], *, through: Position, batch_id: int,
-              before_commit: Callable[[list[Missing]], object] | None = None) -> ApplyStats:
-        """Apply a batch's operations and move the checkpoint to ``through``, atomically.
+    def apply(self, items: Iterable[Item], *, checkpoint: Checkpoint | None,
+              record: Record) -> ApplyResult:
+        """Apply a window in one target transaction that also moves the checkpoint.
 
-        A partial upsert (unchanged TOAST values left out) updates the columns it carries; for
-        a key the target does not have it writes nothing, and ``before_commit(missing)`` gets
-        those keys before the target commits, so the caller can durably ask for the rows to be
-        re-read (a crash in between replays the batch and asks again, idempotently)."""
-        with self._errors(f"applying batch {batch_id}"), self.conn.transaction():
-            stats, missing = self._apply_ops(ops)
-            self._write_checkpoint(through, batch_id)
-            if before_commit is not None and missing:
-                before_commit(missing)
-        return stats
+        First in bulk (compacted per key: one statement per table and kind). If a change is
+        refused for good (constraint or data error), the window is applied again change by
+        change, each in a savepoint: the refused change is ``dead``, the later changes of its
+        key are ``parked``, the rest is applied. The retry sweep (no checkpoint) always goes
+        change by change. ``record`` runs inside the transaction, before the commit."""
+        batch = list(items)
+        if checkpoint is not None:
+            try:
+                return self._apply_bulk(batch, checkpoint, record)
+            except TerminalDeliveryError:
+                pass  # some change is refused for good: find it, change by change
+        return self._apply_isolated(batch, checkpoint, record)
 
-    def apply_isolated(
-        self, changes: Sequence[tuple[str, list[TargetOp]]], *,
-        checkpoint: tuple[Position, int] | None,
-        before_commit: Callable[[dict[int, str], list[tuple[int, Missing]]], object],
-    ) -> tuple[ApplyStats, dict[int, str]]:
-        """Apply changes one by one, each in a savepoint, in one target transaction.
+    def _apply_bulk(self, items: list[Item], checkpoint: Checkpoint, record: Record
+                    ) -> ApplyResult:
+        with self._errors(f"applying batch {checkpoint.batch_id}"), self.conn.transaction():
+            stats, missing = self._apply_ops([op for it in items for op in it.ops])
+            self._write_checkpoint(checkpoint.position, checkpoint.batch_id)
+            outcomes = _with_refetch([Outcome(it, "delivered") for it in items], missing)
+            _record(record, outcomes)
+        return ApplyResult(outcomes, stats)
 
-        ``changes`` are ``(key, ops)`` in stream order. A change the target rejects for good
-        (constraint or data error) is rolled back alone and every later change of its key is
-        skipped; other keys go on. Returns the stats and ``{index: error}`` of the rejected
-        *heads*. ``before_commit(failures, missing)`` runs before the target commits, so the
-        caller can record dead letters and re-reads (``(index, missing key)`` of partial
-        upserts for keys the target lacks, see :meth:`apply`) durably first (a crash in between
-        replays the batch, and recording is idempotent). Transient errors abort the whole
-        transaction as in :meth:`apply`.
-        """
+    def _apply_isolated(self, items: list[Item], checkpoint: Checkpoint | None,
+                        record: Record) -> ApplyResult:
         stats = ApplyStats()
-        failures: dict[int, str] = {}
-        missing: list[tuple[int, Missing]] = []
-        failed_keys: set[str] = set()
+        outcomes: list[Outcome] = []
+        failed: dict[str, Failure] = {}
         with self._errors("applying changes one by one"), self.conn.transaction():
-            for i, (key, ops) in enumerate(changes):
-                if key in failed_keys:
+            for it in items:
+                key = it.change.key
+                if key in failed:
+                    outcomes.append(Outcome(it, "parked", failed[key]))
                     continue
                 try:
                     with self.conn.transaction():  # a savepoint
-                        one, gone = self._apply_ops(ops, clear_temps=True)
+                        one, gone = self._apply_ops(it.ops, clear_temps=True)
                     stats += one
-                    missing.extend((i, m) for m in gone)
+                    outcomes.extend(_with_refetch([Outcome(it, "delivered")], gone))
                 except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as err:
-                    failures[i] = f"{self._where}: {describe_error(err)}"
-                    failed_keys.add(key)
+                    failed[key] = Failure(False, None, f"{self._where}: {describe_error(err)}")
+                    outcomes.append(Outcome(it, "dead", failed[key]))
                     self._temps.clear()  # any created in the rolled-back savepoint are gone
             if checkpoint is not None:
-                self._write_checkpoint(*checkpoint)
-            before_commit(failures, missing)
-        return stats, failures
+                self._write_checkpoint(checkpoint.position, checkpoint.batch_id)
+            _record(record, outcomes)
+        return ApplyResult(outcomes, stats)
 
     def _apply_ops(self, ops: list[TargetOp], *, clear_temps: bool = False
                    ) -> tuple[ApplyStats, list[Missing]]:
@@ -423,6 +408,33 @@ class PostgresSink:
         return _ErrorMap(self, doing)
 
 
+class _RecordingFailed(Exception):
+    """``record`` raised inside the target transaction: not a target error (see _ErrorMap)."""
+
+
+def _record(record: Record, outcomes: list[Outcome]) -> None:
+    try:
+        record(outcomes)
+    except Exception as err:  # the state DB's error must not read as this target's
+        raise _RecordingFailed() from err
+
+
+def _with_refetch(outcomes: list[Outcome], missing: list[Missing]) -> list[Outcome]:
+    """Attach each key a partial upsert found missing to the change that last wrote it."""
+    if not missing:
+        return outcomes
+    last: dict[tuple[str, tuple[Any, ...]], int] = {}
+    for i, o in enumerate(outcomes):
+        for op in o.item.ops:
+            if isinstance(op, Upsert):
+                last[(op.table, tuple(op.key))] = i
+    extra: dict[int, list[tuple[Any, ...]]] = {}
+    for table, key in missing:
+        extra.setdefault(last.get((table, key), len(outcomes) - 1), []).append(key)
+    return [dataclasses.replace(o, refetch=o.refetch + tuple(extra[i])) if i in extra else o
+            for i, o in enumerate(outcomes)]
+
+
 def _detail(err: psycopg.Error) -> str:
     diag = getattr(err, "diag", None)
     detail = []
@@ -458,6 +470,8 @@ class _ErrorMap:
         # The transaction rolled back: temp tables and schema created in it are gone.
         self.sink._temps.clear()
         self.sink._columns.clear()
+        if isinstance(err, _RecordingFailed) and err.__cause__ is not None:
+            raise err.__cause__  # the caller's own error, as it was
         if not isinstance(err, psycopg.Error):
             return False
         where = f"{self.sink._where}, {self.doing}"
@@ -475,3 +489,13 @@ class _ErrorMap:
                       | psycopg.errors.ProgrammingError):
             raise TerminalDeliveryError(f"{where}: {_first_line(err)}{extra}") from None
         raise TransientDeliveryError(f"{where}: {_first_line(err)}{extra}") from None
+
+
+def open_postgres_sink(pipeline: PipelineSpec, target: str) -> PostgresSink:
+    """The sink of a Postgres target (its DSN read from the environment now); one staged batch
+    per target transaction."""
+    tspec = pipeline.targets[target]
+    assert isinstance(tspec, PostgresTargetSpec)
+    dsn = tspec.resolve(f"pipeline {pipeline.name!r}: target {target!r}")
+    return PostgresSink(dsn, pipeline=pipeline.name, target=target, spec=tspec,
+                        window_changes=pipeline.policy.batch_size)

@@ -1,0 +1,182 @@
+"""The delivery loop: staged changes → one target, window by window, for every kind of sink.
+
+:func:`deliver` is the delivery run's work for one target:
+
+1. takes the ``deliver:<pipeline>:<target>`` advisory lock (a concurrent run or sweep waits);
+2. starts after the target's position — the sink's own checkpoint where it keeps one (it is
+   authoritative: written in the same target transaction as the changes), else the state's
+   delivered position; batches the checkpoint already covers are only recorded;
+3. for each window of consecutive batches (about ``sink.window_changes`` changes, whole
+   batches): reads the changes, maps them, and — when anything is held for the target —
+   parks the changes of blocked keys behind what blocks them; hands the rest to the sink,
+   which records the outcomes (:mod:`.outcomes`) before making its work final;
+4. moves the state's delivered position past the window, only after the sink is done.
+
+Per-key order holds because one delivery (or sweep) at a time works on a target, windows go
+in position order, a sink keeps order within a window, and a key that failed stays blocked
+until its chain is delivered, dead-lettered and redriven, or discarded. A crash before step 4
+delivers the window again: the checkpoint (Postgres) or the idempotency keys and ledger (HTTP)
+make that a no-op for what was applied, and recorded positions are not recorded twice.
+Memory: one window of changes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from ..errors import TransientDeliveryError
+from ..faults import NO_FAULTS, Faults
+from ..mapping.keys import change_key
+from ..mapping.mapper import Mapper
+from ..spec import PipelineSpec
+from ..staging.held import HeldChange, HeldStore
+from ..staging.store import BatchInfo, StateStore
+from ..wire.change import Position, StoredChange
+from .outcomes import Tally, record_window
+from .report import DeliveryReport
+from .sinks.base import ApplyStats, Checkpoint, Item, Outcome, Sink
+
+
+def wait_for_lock(state: StateStore, name: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not state.try_lock(name):
+        if time.monotonic() > deadline:
+            raise TransientDeliveryError(
+                f"{name}: another delivery run has held the lock for over {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
+def target_lock(pipeline: str, target: str) -> str:
+    return f"deliver:{pipeline}:{target}"
+
+
+class Items:
+    """Staged changes → :class:`Item` for one target: mapped, the target's tables only."""
+
+    def __init__(self, state: StateStore, pipeline: PipelineSpec, sink: Sink) -> None:
+        self.mapper = Mapper(pipeline, state.relation)
+        self.sink = sink
+        self._takes: dict[int, bool] = {}
+
+    def item(self, ch: StoredChange, held: HeldChange) -> Item | None:
+        tm = self.mapper.table_mapper(ch.relation_id)
+        if tm is None:
+            return None  # a published table this pipeline does not sync
+        if ch.relation_id not in self._takes:
+            self._takes[ch.relation_id] = self.sink.prepare(tm, ch.relation_id)
+        if not self._takes[ch.relation_id]:
+            return None  # a table this target does not take
+        ops = self.mapper.map(ch)
+        return Item(HeldChange(change_key(tm.target_table, ops), held.position,
+                               held.relation_id, held.op, held.message, held.attempts), tm, ops)
+
+    def staged(self, rows: list[tuple[StoredChange, bytes]],
+               accepted: set[tuple[int, int, int]]) -> Iterator[Item]:
+        """Items of staged rows (raw message kept for the retry queue), lazily; ``accepted``
+        are ledger entries ``(commit_lsn, seq, sub)`` of requests already accepted."""
+        for ch, message in rows:
+            it = self.item(ch, HeldChange("", ch.position, ch.relation_id, ch.op, message))
+            if it is None:
+                continue
+            if accepted:
+                it.done_subs = frozenset(sub for lsn, seq, sub in accepted
+                                         if (lsn, seq) == ch.position)
+            yield it
+
+
+def windows(batches: list[BatchInfo], cap: int) -> Iterator[list[BatchInfo]]:
+    """Consecutive batches grouped so each group has at most ``cap`` changes (a bigger batch
+    goes alone)."""
+    window: list[BatchInfo] = []
+    size = 0
+    for b in batches:
+        if window and size + b.n_changes > cap:
+            yield window
+            window, size = [], 0
+        window.append(b)
+        size += b.n_changes
+    if window:
+        yield window
+
+
+def before(batch: BatchInfo) -> Position:
+    """The position just before a batch's first change."""
+    return Position(batch.first.commit_lsn, batch.first.seq - 1)
+
+
+def deliver(
+    state: StateStore, pipeline: PipelineSpec, target: str, sink: Sink, *,
+    upto_batch: int | None = None, faults: Faults = NO_FAULTS, lock_timeout_s: float = 300.0,
+) -> DeliveryReport:
+    """Deliver every staged batch up to ``upto_batch`` (all if None) to ``target``."""
+    started = time.monotonic()
+    lock = target_lock(pipeline.name, target)
+    wait_for_lock(state, lock, lock_timeout_s)
+    try:
+        held = HeldStore(state, pipeline.name, target)
+        items = Items(state, pipeline, sink)
+        delivered = state.delivered(pipeline.name, target)
+        own = sink.checkpoint()
+        position = own if own is not None else delivered  # the target's own word wins
+        done: list[BatchInfo] = []
+        skipped: list[int] = []
+        changes = n_held = n_dead = 0
+        stats = ApplyStats()
+        pending = []
+        for b in state.batches(pipeline.name, upto=upto_batch):
+            if b.last > position:
+                pending.append(b)
+            elif b.last > delivered:  # the target applied it before a crash: only record it
+                skipped.append(b.batch_id)
+                state.record_delivered(pipeline.name, target, b.last, b.batch_id)
+            # else: delivered here, kept staged for another target
+        for window in windows(pending, sink.window_changes):
+            first, last = window[0], window[-1]
+            rows = state.read_changes_with_messages(
+                pipeline.name, max(position, before(first)), last.last)
+            accepted = held.delivered_subs(first.first, last.last)  # HTTP ledger, on replays
+            parked: list[HeldChange] = []
+            live: Iterator[Item] | list[Item]
+            if held.any_held():  # some keys may be blocked: find them before sending anything
+                batch_items = list(items.staged(rows, accepted))
+                blocked = held.blocked(it.change.key for it in batch_items)
+                taken = held.taken(first.first, last.last) if blocked else set()
+                parked = [it.change for it in batch_items
+                          if it.change.key in blocked and it.change.position not in taken]
+                live = [it for it in batch_items if it.change.key not in blocked]
+            else:  # nothing is blocked: decode and map while the sink starts sending
+                live = items.staged(rows, accepted)
+            faults.hit("before_apply")
+            recorder = _Recorder(state, pipeline, target, parked, faults)
+            result = sink.apply(live, checkpoint=Checkpoint(last.last, last.batch_id),
+                                record=recorder)
+            faults.hit("after_apply")
+            with state.conn.transaction():
+                state.record_delivered(pipeline.name, target, last.last, last.batch_id)
+                held.trim_ledger(last.last)
+            position = last.last
+            changes += len(rows)
+            done.extend(window)
+            stats += result.stats
+            n_held += recorder.tally.held
+            n_dead += recorder.tally.dead
+        return DeliveryReport.of(pipeline.name, target, done, changes, stats, started,
+                                 skipped=tuple(skipped), held_changes=n_held,
+                                 dead_letters=n_dead)
+    finally:
+        state.unlock(lock)
+
+
+class _Recorder:
+    """The ``record`` a sink calls for one window (see :func:`.outcomes.record_window`)."""
+
+    def __init__(self, state: StateStore, pipeline: PipelineSpec, target: str,
+                 parked: list[HeldChange], faults: Faults) -> None:
+        self.args = (state, pipeline, target)
+        self.parked = parked
+        self.faults = faults
+        self.tally = Tally()
+
+    def __call__(self, outcomes: list[Outcome]) -> None:
+        self.tally = record_window(*self.args, outcomes, self.parked, faults=self.faults)
