@@ -81,7 +81,7 @@ from sync_pipelines.engine.runtime.embedded import ensure_database, start_embedd
 
 PIPELINE = "bench"
 TABLE = "public.events"
-JOB = f"{PIPELINE}_deliver_job"
+JOB = f"{PIPELINE}_deliver_target_job"  # one delivery job per target: this spec has one
 SENSOR = f"{PIPELINE}_replication_sensor"
 DATABASES = {"dagster": "dagster", "state": "state", "source": "source", "target": "target"}
 

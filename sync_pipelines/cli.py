@@ -98,14 +98,13 @@ def smoke(spec_path: Path) -> int:
     resources = {"sync": SyncEngine(spec_path=str(spec_path))}
     for name in spec.pipelines:
         sensor = defs.get_sensor_def(f"{name}_replication_sensor")
-        job = defs.resolve_job_def(f"{name}_deliver_job")
         gen = ChangeGenerator(os.environ["SYNC_SOURCE_DSN"], rate=200, seed_value=1)
         gen.start()
         time.sleep(2)
         gen.stop()
         gen.join()
         print(f"{name}: generated {gen.transactions} CRM transactions")
-        runs = _tick(sensor, instance, resources, job)
+        runs = _tick(sensor, instance, resources, defs)
         if not runs:
             print(f"{name}: the sensor requested no delivery run")
             return 1
@@ -152,7 +151,8 @@ def _crm_drift(spec, name: str) -> list[str]:  # type: ignore[no-untyped-def]
     return problems
 
 
-def _tick(sensor, instance, resources, job) -> int:  # type: ignore[no-untyped-def]
+def _tick(sensor, instance, resources, defs) -> int:  # type: ignore[no-untyped-def]
+    """One sensor tick, then each delivery run it asked for (one per target), in process."""
     import dagster as dg
 
     with dg.build_sensor_context(instance=instance, resources=resources) as ctx:
@@ -161,6 +161,7 @@ def _tick(sensor, instance, resources, job) -> int:  # type: ignore[no-untyped-d
     for event in (result.asset_events if isinstance(result, dg.SensorResult) else []):
         instance.report_runless_asset_event(event)
     for rr in requests or []:
+        job = defs.resolve_job_def(rr.job_name)
         run = job.execute_in_process(run_config=rr.run_config, instance=instance, tags=rr.tags)
         print(f"  run {run.run_id[:8]} for {rr.run_key}: "
               f"{'success' if run.success else 'FAILED'}")

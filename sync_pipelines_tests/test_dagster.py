@@ -72,8 +72,9 @@ def test_definitions_load_from_spec(tmp_path, monkeypatch, source_dsn, target_ds
     dg.Definitions.validate_loadable(defs)
     assert defs.get_sensor_def("crm_replication_sensor").default_status == (
         dg.DefaultSensorStatus.RUNNING)
-    job = defs.resolve_job_def("crm_deliver_job")
+    job = defs.resolve_job_def("crm_deliver_reporting_job")
     assert job.executor_def is dg.in_process_executor
+    assert job.tags["sync/target"] == "crm/reporting"
     graph = defs.resolve_asset_graph()
     delivered = dg.AssetKey(["sync", "crm", "delivered", "reporting"])
     staged = dg.AssetKey(["sync", "crm", "staged"])
@@ -142,14 +143,15 @@ def test_sensor_ticks_and_delivery_job_runs(tmp_path, monkeypatch, source_dsn, t
         result = tick(defs, instance, spec)
         assert isinstance(result, dg.SensorResult)
         [request] = result.run_requests
-        assert request.run_key == "crm-batch-1"
-        assert request.tags["sync/pipeline"] == "crm"
+        assert request.run_key == "crm-reporting-batch-1"
+        assert request.tags["sync/target"] == "crm/reporting"
+        assert request.job_name == "crm_deliver_reporting_job"
         [staged] = result.asset_events
         assert staged.metadata["changes"].value == 61
-        run = defs.resolve_job_def("crm_deliver_job").execute_in_process(
+        run = defs.resolve_job_def("crm_deliver_reporting_job").execute_in_process(
             run_config=request.run_config, instance=instance, tags=request.tags)
         assert run.success
-        [mat] = run.asset_materializations_for_node("crm_deliver")
+        [mat] = run.asset_materializations_for_node("sync__crm__delivered__reporting")
         assert mat.asset_key == dg.AssetKey(["sync", "crm", "delivered", "reporting"])
         assert mat.metadata["changes"].value == 61
         assert mat.metadata["deletes"].value == 1
@@ -167,7 +169,7 @@ def test_failed_delivery_run_is_visible_and_redelivered(tmp_path, monkeypatch, s
     spec = write_spec(tmp_path, monkeypatch, source_dsn, target_dsn, state_dsn,
                       redeliver_after_seconds=5)
     defs = build_definitions(str(spec))
-    job = defs.resolve_job_def("crm_deliver_job")
+    job = defs.resolve_job_def("crm_deliver_reporting_job")
     with dg.instance_for_test() as instance:
         tick(defs, instance, spec)
         execute(source_dsn, "INSERT INTO accounts VALUES (1, 'a', 1)")
@@ -181,10 +183,11 @@ def test_failed_delivery_run_is_visible_and_redelivered(tmp_path, monkeypatch, s
         assert "cannot connect" in failure.description
         assert failure.metadata["transient"].value is True
         # The batch is still held; once the redelivery delay passes, the sensor asks again.
-        execute(state_dsn, "UPDATE sync_state.batch SET requested_at = now() - interval '1 hour'")
+        execute(state_dsn,
+                "UPDATE sync_state.delivery SET requested_at = now() - interval '1 hour'")
         retry = tick(defs, instance, spec)
         [again] = retry.run_requests
-        assert again.run_key.startswith("crm-redeliver-1-")
+        assert again.run_key.startswith("crm-reporting-redeliver-1-")
         monkeypatch.setenv("D_TARGET_DSN", target_dsn)
         assert job.execute_in_process(run_config=again.run_config, instance=instance,
                                       tags=again.tags).success

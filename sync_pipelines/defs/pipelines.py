@@ -1,21 +1,23 @@
-"""Per-pipeline Dagster definitions: assets, delivery job, replication sensor.
+"""Per-pipeline Dagster definitions: assets, one delivery job per target, replication sensor.
 
 For a pipeline ``p`` with targets ``t1..tn``:
 
 * assets ``sync/p/source`` (the source tables, external) → ``sync/p/staged`` (materialized by
-  the sensor, one event per staged batch) → ``sync/p/delivered/<t>`` (one per target,
-  materialized by the delivery run);
-* job ``p_deliver_job`` (in-process executor, tag ``sync/pipeline=p`` for per-pipeline run
-  concurrency) delivering staged batches to every target;
+  the sensor, one event per staged batch) → ``sync/p/delivered/<t>`` (one per target, each
+  materialized by its own delivery run);
+* jobs ``p_deliver_<t>_job`` (in-process executor, tag ``sync/target=p/<t>`` so the run queue
+  keeps one delivery at a time per target, in the order asked): a target that is down, slow
+  or failing fails its own runs against its own asset and never holds up the others;
 * sensor ``p_replication_sensor`` (running by default) pulling within the demand budget and
-  requesting a delivery run per pull (``run_key`` = the pull's newest batch id), or again for
-  a batch a failed run left behind.
+  asking for a delivery of every target that has staged work it has not delivered — once per
+  newly staged batch, and again after ``redeliver_after_seconds`` when a failed run left work
+  behind and nothing is queued or running for that target.
 
 Bodies stay thin: each calls one engine function and turns its report into metadata.
 """
 
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import dagster as dg
@@ -28,10 +30,10 @@ from sync_pipelines.engine.wire.pgoutput import format_lsn
 from .resources import SyncEngine
 
 PIPELINE_TAG = "sync/pipeline"
-_ACTIVE = [
-    dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
+TARGET_TAG = "sync/target"
+_WAITING = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
+            dg.DagsterRunStatus.STARTING]
+_ACTIVE = [*_WAITING, dg.DagsterRunStatus.STARTED]
 
 
 class SyncStepFailed(Exception):
@@ -51,6 +53,59 @@ def delivered_key(p: str, target: str) -> dg.AssetKey:
     return dg.AssetKey(["sync", p, "delivered", target])
 
 
+def deliver_job_name(p: str, target: str) -> str:
+    return f"{p}_deliver_{target}_job"
+
+
+def deliver_op_name(p: str, target: str) -> str:
+    return "__".join(delivered_key(p, target).path)
+
+
+def target_tag(p: str, target: str) -> dict[str, str]:
+    """The run tag the queue limits to one active delivery per (pipeline, target)."""
+    return {TARGET_TAG: f"{p}/{target}"}
+
+
+def _delivered_asset(pipeline: PipelineSpec, target: str,
+                     staged_key: dg.AssetKey) -> dg.AssetsDefinition:
+    p = pipeline.name
+    kind = pipeline.targets[target].kind
+
+    @dg.asset(key=delivered_key(p, target), deps=[staged_key], group_name=p, kinds={kind},
+              description=f"Changes of pipeline {p} applied to target {target} ({kind}).")
+    def delivered(context: dg.AssetExecutionContext, config: DeliverConfig,
+                  sync: SyncEngine) -> dg.MaterializeResult:
+        try:
+            r = engine.deliver_target(sync.spec(), p, target, upto_batch=config.upto_batch)
+        except SyncError as err:
+            # dg.Failure shows the engine's message (which names the fix) in the UI as is.
+            raise dg.Failure(description=str(err), metadata={
+                "error": type(err).__name__, "transient": isinstance(err, Transient)}) from None
+        context.log.info(f"{p} → {target}: {r.changes} changes in {len(r.batches)} batch(es) "
+                         f"{r.lsn_range} in {r.duration_s:.2f}s")
+        return dg.MaterializeResult(metadata=_delivery_metadata(r))
+
+    return delivered
+
+
+def _delivery_metadata(r: Any) -> dict[str, Any]:
+    return {
+        "changes": r.changes,
+        "batches": dg.MetadataValue.text(", ".join(map(str, r.batches)) or "none"),
+        "already_applied_batches": len(r.skipped_batches),
+        "upserts": r.stats.upserts,
+        "deletes": r.stats.deletes,
+        "truncates": r.stats.truncates,
+        "unchanged_rows": r.stats.unchanged,
+        "rows_to_reread": r.stats.refetch,
+        "held_for_retry": r.held_changes,
+        "dead_letters": r.dead_letters,
+        "lsn_range": r.lsn_range,
+        "duration_s": round(r.duration_s, 3),
+        "changes_per_s": round(r.changes_per_s, 1),
+    }
+
+
 def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
     p = pipeline.name
     source_key, staged_key = _keys(p)
@@ -65,92 +120,71 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
         description="Changes staged durably in the state DB; materialized per batch by "
         f"{p}_replication_sensor.",
     )
-    specs = [
-        dg.AssetSpec(delivered_key(p, t), deps=[staged_key], group_name=p, kinds={"postgres"},
-                     description=f"Changes of pipeline {p} applied to target {t}.")
+    assets = [_delivered_asset(pipeline, t, staged_key) for t in pipeline.targets]
+    jobs = {
+        # Without the target's asset checks: they describe standing health and are evaluated
+        # on their own schedule, not planned (and shown "in progress") by every delivery run.
+        t: dg.define_asset_job(
+            deliver_job_name(p, t),
+            selection=dg.AssetSelection.assets(delivered_key(p, t)).without_checks(),
+            executor_def=dg.in_process_executor, tags=target_tag(p, t),
+            description=f"Deliver staged changes of pipeline {p} to target {t}.")
         for t in pipeline.targets
-    ]
-
-    @dg.multi_asset(name=f"{p}_deliver", specs=specs, can_subset=False)
-    def deliver(context: dg.AssetExecutionContext, config: DeliverConfig, sync: SyncEngine):
-        try:
-            reports = engine.deliver_pipeline(sync.spec(), p, upto_batch=config.upto_batch)
-        except SyncError as err:
-            # dg.Failure shows the engine's message (which names the fix) in the UI as is.
-            raise dg.Failure(description=str(err), metadata={
-                "error": type(err).__name__, "transient": isinstance(err, Transient)}) from None
-        for r in reports:
-            context.log.info(
-                f"{p} → {r.target}: {r.changes} changes in {len(r.batches)} batch(es) "
-                f"{r.lsn_range} in {r.duration_s:.2f}s"
-            )
-            yield dg.MaterializeResult(
-                asset_key=delivered_key(p, r.target),
-                metadata={
-                    "changes": r.changes,
-                    "batches": dg.MetadataValue.text(", ".join(map(str, r.batches)) or "none"),
-                    "already_applied_batches": len(r.skipped_batches),
-                    "upserts": r.stats.upserts,
-                    "deletes": r.stats.deletes,
-                    "truncates": r.stats.truncates,
-                    "unchanged_rows": r.stats.unchanged,
-                    "rows_to_reread": r.stats.refetch,
-                    "lsn_range": r.lsn_range,
-                    "duration_s": round(r.duration_s, 3),
-                    "changes_per_s": round(r.changes_per_s, 1),
-                },
-            )
-
-    job = dg.define_asset_job(
-        f"{p}_deliver_job", selection=[s.key for s in specs],
-        executor_def=dg.in_process_executor, tags={PIPELINE_TAG: p},
-        description=f"Deliver staged changes of pipeline {p} to its targets.",
-    )
+    }
+    redeliver_after = timedelta(seconds=pipeline.policy.redeliver_after_seconds)
 
     @dg.sensor(
-        name=f"{p}_replication_sensor", job=job, minimum_interval_seconds=5,
+        name=f"{p}_replication_sensor", jobs=list(jobs.values()), minimum_interval_seconds=5,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"Pulls changes of pipeline {p} within its demand budget and stages them.",
+        description=f"Pulls changes of pipeline {p} within its demand budget, stages them, and "
+        "asks for a delivery of each target that has work.",
     )
     def replication_sensor(context: dg.SensorEvaluationContext, sync: SyncEngine):
         spec = sync.spec()
         try:
             report = engine.pull_pipeline(spec, p)
+            backlog = engine.delivery_backlog(spec, p)
         except SyncError as err:
             raise SyncStepFailed(str(err)) from None
         if report.refetch.error:  # the stream goes on; the rows are asked for again next tick
             context.log.warning(f"{p}: {report.refetch.pending} row(s) waiting to be re-read "
                                 f"from the source: {report.refetch.error}")
-        if report.batches:
-            batches = [b.batch_id for b in report.batches]
-            engine.mark_requested(spec, p, batches)
-            return dg.SensorResult(
-                run_requests=[_run_request(p, f"{p}-batch-{batches[-1]}", batches[-1])],
-                asset_events=[
-                    dg.AssetMaterialization(staged_key, metadata=_batch_metadata(b, report))
-                    for b in report.batches
-                ],
-            )
-        stale = engine.stale_batch(spec, p)
-        if stale is not None and not _delivery_active(context, f"{p}_deliver_job", p):
-            engine.mark_requested(spec, p, [stale.batch_id])
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-            return dg.SensorResult(run_requests=[
-                _run_request(p, f"{p}-redeliver-{stale.batch_id}-{stamp}", None)
-            ])
-        return dg.SkipReason(report.skipped or "nothing to do")
+        now = datetime.now(timezone.utc)
+        requests = []
+        for b in backlog:
+            if not b.batches or b.newest_batch is None:
+                continue
+            if b.newest_batch > (b.requested_batch or 0):
+                if _runs(context, p, b.target, _WAITING):
+                    continue  # a queued run delivers everything staged when it starts
+                key = f"{p}-{b.target}-batch-{b.newest_batch}"
+            elif (b.requested_at is None or now - b.requested_at > redeliver_after) and not (
+                    _runs(context, p, b.target, _ACTIVE)):
+                key = f"{p}-{b.target}-redeliver-{b.newest_batch}-{now:%Y%m%dT%H%M%S}"
+            else:
+                continue
+            engine.mark_requested(spec, p, b.target, b.newest_batch)
+            requests.append(dg.RunRequest(
+                run_key=key, job_name=jobs[b.target].name, tags=target_tag(p, b.target),
+                run_config={"ops": {deliver_op_name(p, b.target): {
+                    "config": {"upto_batch": None}}}}))
+        events = [dg.AssetMaterialization(staged_key, metadata=_batch_metadata(b, report))
+                  for b in report.batches]
+        if not requests and not events:
+            return dg.SkipReason(_skip_reason(report, backlog))
+        return dg.SensorResult(run_requests=requests, asset_events=events)
 
     return dg.Definitions(
-        assets=[source, staged, deliver], jobs=[job], sensors=[replication_sensor]
-    )
+        assets=[source, staged, *assets], jobs=list(jobs.values()),
+        sensors=[replication_sensor])
 
 
-def _run_request(p: str, run_key: str, upto_batch: int | None) -> dg.RunRequest:
-    return dg.RunRequest(
-        run_key=run_key,
-        run_config={"ops": {f"{p}_deliver": {"config": {"upto_batch": upto_batch}}}},
-        tags={PIPELINE_TAG: p},
-    )
+def _skip_reason(report: Any, backlog: list[Any]) -> str:
+    behind = [f"{b.target} ({b.changes} changes)" for b in backlog if b.batches]
+    why = report.skipped or "nothing to do"
+    if behind:
+        why += f"; not yet delivered: {', '.join(behind)}"
+    return why
 
 
 def _batch_metadata(b: Any, report: Any) -> dict[str, Any]:
@@ -166,8 +200,8 @@ def _batch_metadata(b: Any, report: Any) -> dict[str, Any]:
     }
 
 
-def _delivery_active(context: dg.SensorEvaluationContext, job_name: str, p: str) -> bool:
-    runs = context.instance.get_runs(
-        dg.RunsFilter(job_name=job_name, statuses=_ACTIVE, tags={PIPELINE_TAG: p}), limit=1
-    )
-    return bool(runs)
+def _runs(context: dg.SensorEvaluationContext, p: str, target: str,
+          statuses: list[dg.DagsterRunStatus]) -> bool:
+    return bool(context.instance.get_runs(dg.RunsFilter(
+        job_name=deliver_job_name(p, target), statuses=statuses,
+        tags={TARGET_TAG: f"{p}/{target}"}), limit=1))

@@ -7,8 +7,9 @@ tests all go through them, so each exercises the same path:
 * :func:`deliver_target` — one delivery run's work for one target (see
   :mod:`.delivery.loop`), followed by clean-up of batches every target has applied;
   :func:`deliver_pipeline` does it for every target, each on its own;
-* :func:`stale_batch` — the oldest batch left undelivered for too long (a failed run), so the
-  sensor can ask for it again;
+* :func:`delivery_backlog`, :func:`mark_requested` — what each target has not delivered yet
+  and when a delivery was last asked for, so the sensor asks for each target that has work
+  (and again after a failed run);
 * :func:`sweep_target`, :func:`sweep_pipeline`, :func:`resolve_dead_letters` — the retry
   schedule (:mod:`.delivery.sweep`) and the operator's dead-letter actions;
 * :func:`backfill_pipeline`, :func:`backfill_plan` — rows that existed before the
@@ -24,7 +25,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
 from .backfill.reader import Progress, SnapshotReport, backfill_table
 from .backfill.refetch import refetch_pending
@@ -41,7 +42,7 @@ from .reconcile.run import CatchUp, ReconcileReport, reconcile_pipeline
 from .spec import PipelineSpec, PostgresTargetSpec, SyncSpec
 from .staging.held import HeldStore
 from .staging.snapshots import SnapshotInfo, SnapshotStore
-from .staging.store import BatchInfo, StateStore
+from .staging.store import Backlog, StateStore
 
 
 def open_state(spec: SyncSpec) -> StateStore:
@@ -100,24 +101,17 @@ def deliver_pipeline(
     return reports
 
 
-def stale_batch(spec: SyncSpec, name: str) -> BatchInfo | None:
-    """The oldest undelivered batch whose last request is older than the redelivery delay."""
+def delivery_backlog(spec: SyncSpec, name: str) -> list[Backlog]:
+    """Per target: staged batches it has not delivered yet, and when it was last asked to."""
     pipeline = spec.pipelines[name]
-    cutoff = datetime.now(timezone.utc) - timedelta(
-        seconds=pipeline.policy.redeliver_after_seconds)
     with open_state(spec) as state:
         state.ensure_pipeline(name, pipeline.slot)
-        held = state.batches(name)
-    if not held:
-        return None
-    oldest = held[0]
-    last_asked = oldest.requested_at or oldest.staged_at
-    return oldest if last_asked is not None and last_asked < cutoff else None
+        return [state.backlog(name, t) for t in pipeline.targets]
 
 
-def mark_requested(spec: SyncSpec, name: str, batch_ids: list[int]) -> None:
+def mark_requested(spec: SyncSpec, name: str, target: str, batch_id: int) -> None:
     with open_state(spec) as state:
-        state.mark_requested(name, batch_ids)
+        state.mark_requested(name, target, batch_id)
 
 
 def compare_tables(spec: SyncSpec, name: str) -> list[str]:

@@ -172,4 +172,9 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX refetch_by_age ON {schema}.refetch (pipeline, requested_at);
     """,
+    # 5: targets are delivered on their own: when a delivery of each was last asked for.
+    """
+    ALTER TABLE {schema}.delivery ADD COLUMN requested_batch bigint,
+        ADD COLUMN requested_at timestamptz;
+    """,
 ]

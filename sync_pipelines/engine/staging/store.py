@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -38,8 +38,8 @@ from ..wire.change import START, Position, StoredChange, decode_change
 from ..wire.pgoutput import Column, Relation
 from .migrations import MIGRATIONS
 
-__all__ = ["START", "BatchInfo", "PipelineState", "Position", "StagedChange", "StateStore",
-           "StoredChange", "decode_change"]
+__all__ = ["START", "Backlog", "BatchInfo", "PipelineState", "Position", "StagedChange",
+           "StateStore", "StoredChange", "decode_change"]
 
 # Column order of a staged change row as written by COPY (after pipeline and batch_id).
 CHANGE_COLUMNS = (
@@ -82,6 +82,20 @@ class BatchInfo:
     last_commit_ts: datetime | None
     staged_at: datetime | None = None
     requested_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Staged batches one target has not delivered yet."""
+
+    target: str
+    batches: int
+    changes: int
+    newest_batch: int | None
+    oldest_staged_at: datetime | None
+    requested_batch: int | None
+    """The newest batch a delivery of this target was last asked for (by the sensor)."""
+    requested_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -322,12 +336,27 @@ class StateStore:
             for r in rows
         ]
 
-    def mark_requested(self, pipeline: str, batch_ids: Iterable[int]) -> None:
-        self.conn.execute(
-            self._q("UPDATE {schema}.batch SET requested_at = now() "
-                    "WHERE pipeline = %s AND batch_id = ANY(%s)"),
-            (pipeline, list(batch_ids)),
-        )
+    def backlog(self, pipeline: str, target: str) -> Backlog:
+        """What the target has not yet delivered, and when a delivery was last asked for."""
+        delivered = self.delivered(pipeline, target)
+        row = self.conn.execute(self._q(
+            "SELECT count(*), coalesce(sum(n_changes), 0), max(batch_id), min(staged_at), "
+            "(SELECT requested_batch FROM {schema}.delivery WHERE pipeline = %s AND target = %s),"
+            " (SELECT requested_at FROM {schema}.delivery WHERE pipeline = %s AND target = %s) "
+            "FROM {schema}.batch WHERE pipeline = %s AND (last_lsn, last_seq) > (%s, %s)"),
+            (pipeline, target, pipeline, target, pipeline, delivered.commit_lsn, delivered.seq)
+        ).fetchone()
+        assert row is not None
+        return Backlog(target, int(row[0]), int(row[1]), row[2], row[3], row[4], row[5])
+
+    def mark_requested(self, pipeline: str, target: str, batch_id: int) -> None:
+        """A delivery of the target up to ``batch_id`` was asked for (now)."""
+        self.conn.execute(self._q(
+            "INSERT INTO {schema}.delivery AS d (pipeline, target, commit_lsn, seq, batch_id, "
+            "requested_batch, requested_at) VALUES (%s, %s, %s, %s, 0, %s, now()) "
+            "ON CONFLICT (pipeline, target) DO UPDATE SET requested_batch = "
+            "EXCLUDED.requested_batch, requested_at = now()"),
+            (pipeline, target, START.commit_lsn, START.seq, batch_id))
 
     def read_changes(self, pipeline: str, after: Position, through: Position) -> list[StoredChange]:
         """Staged changes with ``after < position <= through``, in stream order."""
