@@ -25,9 +25,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from sync_pipelines.crm_service.server import CrmServer
-from sync_pipelines.engine.pipeline import pull_pipeline
+from sync_pipelines.engine import load_spec, pull_pipeline
 from sync_pipelines.engine.runtime.embedded import EmbeddedPostgres, ensure_database, start_embedded
-from sync_pipelines.engine.spec import load_spec
 
 DATABASES = {"dagster": "dagster", "state": "sync_state", "source": "crm", "target": "reporting"}
 
@@ -86,11 +85,11 @@ def smoke(spec_path: Path) -> int:
     """One sensor tick and its delivery runs, in process, against the persistent instance."""
     import dagster as dg
 
+    import sync_pipelines.engine as engine
     from sync_pipelines.definitions import build_definitions
     from sync_pipelines.defs.resources import SyncEngine
     from sync_pipelines.demo.generator import ChangeGenerator
-    from sync_pipelines.engine import pipeline as engine
-    from sync_pipelines.engine.spec import load_spec
+    from sync_pipelines.engine import load_spec
 
     spec = load_spec(spec_path)
     defs = build_definitions(str(spec_path))

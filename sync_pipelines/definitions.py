@@ -15,8 +15,7 @@ from sync_pipelines.defs.failures import build_failure_defs
 from sync_pipelines.defs.pipelines import build_pipeline_defs
 from sync_pipelines.defs.reconcile import build_reconcile_defs
 from sync_pipelines.defs.resources import SyncEngine
-from sync_pipelines.engine.errors import SpecError
-from sync_pipelines.engine.spec import load_spec
+from sync_pipelines.engine import SpecError, load_spec
 
 
 def build_definitions(spec_path: str) -> dg.Definitions:

@@ -15,9 +15,8 @@ from typing import Any
 
 import dagster as dg
 
-from sync_pipelines.engine import pipeline as engine
-from sync_pipelines.engine.errors import SyncError
-from sync_pipelines.engine.spec import PipelineSpec
+import sync_pipelines.engine as engine
+from sync_pipelines.engine import PipelineSpec, SyncError
 
 from .pipelines import PIPELINE_TAG, delivered_key
 from .resources import SyncEngine

@@ -22,10 +22,8 @@ from typing import Any
 
 import dagster as dg
 
-from sync_pipelines.engine import pipeline as engine
-from sync_pipelines.engine.errors import SyncError, Transient
-from sync_pipelines.engine.spec import PipelineSpec
-from sync_pipelines.engine.wire.pgoutput import format_lsn
+import sync_pipelines.engine as engine
+from sync_pipelines.engine import PipelineSpec, SyncError, Transient, format_lsn
 
 from .resources import SyncEngine
 

@@ -22,11 +22,14 @@ from typing import Any
 
 import dagster as dg
 
-from sync_pipelines.engine import pipeline as engine
-from sync_pipelines.engine.backfill.reader import SnapshotReport
-from sync_pipelines.engine.errors import SyncError
-from sync_pipelines.engine.reconcile.drift import TableDrift
-from sync_pipelines.engine.spec import HttpTargetSpec, PipelineSpec
+import sync_pipelines.engine as engine
+from sync_pipelines.engine import (
+    HttpTargetSpec,
+    PipelineSpec,
+    SnapshotReport,
+    SyncError,
+    TableDrift,
+)
 
 from .pipelines import delivered_key
 from .resources import SyncEngine

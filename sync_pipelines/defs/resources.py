@@ -7,7 +7,7 @@ hold each DSN and the engine reads them when it connects.
 
 import dagster as dg
 
-from sync_pipelines.engine.spec import SyncSpec, load_spec
+from sync_pipelines.engine import SyncSpec, load_spec
 
 
 class SyncEngine(dg.ConfigurableResource):
