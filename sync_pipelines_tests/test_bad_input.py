@@ -111,7 +111,56 @@ SPEC_CASES = [
                  ["pipeline name 'CRM-1' must match"], id="pipeline-name"),
     # not a mapping at all
     pytest.param(["crm"], ["expected a mapping with a 'pipelines' key"], id="not-a-mapping"),
+    # a target kind that does not exist: plain words, not pydantic's tag machinery
+    pytest.param(with_pipeline(targets={"q": {"kind": "kafka"}}),
+                 ["pipeline 'crm', targets.q: kind 'kafka' is not a target kind",
+                  "use one of: postgres, http"], id="unknown-target-kind"),
+    # one table under two names
+    pytest.param(with_pipeline(tables={"customers": {}, "public.customers": {}}),
+                 ["'customers' and 'public.customers' are the same table public.customers"],
+                 id="table-twice-qualified"),
+    pytest.param(with_pipeline(tables=["customers", "customers"]),
+                 ["table(s) listed twice: customers"], id="table-twice-listed"),
+    # two source tables onto one target table: their keys would collide
+    pytest.param(with_pipeline(tables={"customers": {"target_table": "crm.people"},
+                                       "contacts": {"target_table": "crm.people"}}),
+                 ["tables public.customers and public.contacts both map to target table "
+                  "crm.people"], id="two-tables-one-target"),
 ]
+
+# (YAML text with a key given twice, the line of its second and first occurrence)
+DUPLICATE_KEYS = [
+    # two pipelines named crm: PyYAML alone keeps the second and drops the first silently
+    pytest.param("pipelines:\n  crm:\n    tables: [a]\n    targets: {x: {}}\n"
+                 "  crm:\n    tables: [b]\n    targets: {y: {}}\n", "crm", 5, 2,
+                 id="pipeline"),
+    # a table listed twice
+    pytest.param("pipelines:\n  crm:\n    tables:\n      a: {}\n      a: {exclude: [x]}\n"
+                 "    targets: {x: {}}\n", "a", 5, 4, id="table"),
+    # a target listed twice, in flow style
+    pytest.param("pipelines:\n  crm:\n    tables: [a]\n    targets: {x: {}, x: {kind: http}}\n",
+                 "x", 4, 4, id="target"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "line", "first"), DUPLICATE_KEYS)
+def test_a_key_given_twice_names_both_lines(tmp_path, text, key, line, first):
+    path = tmp_path / "sync.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert str(err.value).startswith(f"{path}: line {line}: {key!r} is given twice "
+                                     f"in the same mapping (first on line {first})"), err.value
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    path = tmp_path / "sync.yaml"
+    path.write_text("defaults: &d {dsn_env: T_TARGET_DSN, create_tables: true}\n"
+                    "pipelines:\n  crm:\n    tables: [a]\n"
+                    "    targets: {x: {<<: *d, create_tables: false}}\n")
+    with pytest.raises(SpecError) as err:  # only the unknown top-level key is refused
+        load_spec(path)
+    assert "defaults" in str(err.value) and "given twice" not in str(err.value), err.value
 
 
 @pytest.mark.parametrize(("document", "words"), SPEC_CASES)

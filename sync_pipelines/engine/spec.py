@@ -277,6 +277,10 @@ class HttpTargetSpec(_Model):
         return {}, None
 
 
+TARGET_KINDS = ("postgres", "http")
+"""Target kinds a spec may name (each has a sink, see ``delivery.sinks.registry``)."""
+
+
 def _target_kind(v: Any) -> str:
     return str(v.get("kind", "postgres")) if isinstance(v, dict) else getattr(v, "kind", "")
 
@@ -400,9 +404,19 @@ class PipelineSpec(_Model):
     @classmethod
     def _qualify_tables(cls, v: Any) -> Any:
         if isinstance(v, list):  # allow a plain list of table names
+            twice = sorted({str(t) for t in v if v.count(t) > 1})
+            if twice:
+                raise ValueError(f"table(s) listed twice: {', '.join(twice)}")
             v = {t: {} for t in v}
         if isinstance(v, dict):
-            return {qualify(str(k)): ({} if m is None else m) for k, m in v.items()}
+            out: dict[str, Any] = {}
+            given: dict[str, str] = {}
+            for k, m in v.items():
+                name = qualify(str(k))
+                if name in out:  # `contacts` and `public.contacts` are one table
+                    raise ValueError(f"{given[name]!r} and {k!r} are the same table {name}")
+                out[name], given[name] = ({} if m is None else m), str(k)
+            return out
         return v
 
     @field_validator("tables")
@@ -498,6 +512,15 @@ class SyncSpec(_Model):
         return v
 
 
+def _message(e: Any) -> str:
+    """Pydantic's message, in plain words where its own are about its internals."""
+    if e["type"] == "union_tag_invalid":
+        tag = (e.get("ctx") or {}).get("tag", "?")
+        return (f"kind {tag!r} is not a target kind this version knows; use one of: "
+                f"{', '.join(TARGET_KINDS)}")
+    return str(e["msg"])
+
+
 def _describe(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
@@ -508,9 +531,9 @@ def _describe(err: ValidationError, source: str) -> str:
             loc = loc[2:]
         field = ".".join(loc)
         if field:
-            lines.append(f"{source}: {where}{field}: {e['msg']}")
+            lines.append(f"{source}: {where}{field}: {_message(e)}")
         else:
-            lines.append(f"{source}: {where.rstrip(', ') or '(top level)'}: {e['msg']}")
+            lines.append(f"{source}: {where.rstrip(', ') or '(top level)'}: {_message(e)}")
     return "\n".join(lines)
 
 
@@ -532,7 +555,38 @@ def load_spec(path: str | Path) -> SyncSpec:
     except OSError as err:
         raise SpecError(f"{p}: cannot read the sync spec ({err.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as dup:
+        raise SpecError(f"{p}: line {dup.line}: {dup.key!r} is given twice in the same mapping "
+                        f"(first on line {dup.first}); YAML would silently keep only the "
+                        "last one") from None
     except yaml.YAMLError as err:
         raise SpecError(f"{p}: not valid YAML: {err}") from None
     return parse_spec(data, source=str(p))
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.line = key, first, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last one: two pipelines named ``crm`` would silently become one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` keys may be overridden: that is what they are for
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base loader reports it
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise _DuplicateKey(key, first, line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
