@@ -19,8 +19,14 @@ import yaml
 
 from sync_pipelines.definitions import build_definitions
 from sync_pipelines.defs.resources import SyncEngine
-from sync_pipelines.engine import deliver_target, delivery_backlog, load_spec, pull_pipeline
-from sync_pipelines.engine.errors import TransientDeliveryError
+from sync_pipelines.engine import (
+    deliver_target,
+    delivery_backlog,
+    load_spec,
+    pull_pipeline,
+    target_health,
+)
+from sync_pipelines.engine.errors import TerminalDeliveryError, TransientDeliveryError
 
 from .support.pipelines import assert_tables_equal, execute, rows
 from .support.versioned import (
@@ -166,3 +172,45 @@ def test_through_dagster_a_failing_target_fails_only_its_own_runs(
         assert_tables_equal(iso["source"], dsn, "items")
         assert_versions_increase(dsn)
     api_versions_increase(crm_server)
+
+
+def test_targets_that_fail_for_good_say_why_and_leave_the_others_running(
+        tmp_path, monkeypatch, source_dsn, target_dsn, state_dsn, make_database,
+        make_crm_server):
+    """A Postgres target whose table is missing with create_tables off, and an API that
+    refuses the credentials: each fails its own delivery with the reason (the variable named,
+    never its value); the healthy target gets everything; nothing is dead-lettered, so fixing
+    the cause is all it takes."""
+    strict = make_database("t_tgt_strict")
+    create_versioned_tables(source_dsn, target_dsn)
+    api = make_crm_server(bearer_token="the-right-token")
+    path = write_spec(tmp_path, monkeypatch, source_dsn, state_dsn, strict, target_dsn,
+                      api.base_url)
+    doc = yaml.safe_load(path.read_text())
+    targets = doc["pipelines"]["iso"]["targets"]
+    targets["a"]["create_tables"] = False
+    targets["api"]["auth"] = {"bearer_token_env": "I_CRM_TOKEN"}
+    path.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv("I_CRM_TOKEN", "a-stale-token")
+    spec = load_spec(path)
+    pull_pipeline(spec, "iso")
+    run_workload(source_dsn, transactions=10, seed=3)
+    pull_pipeline(spec, "iso")
+    with pytest.raises(TerminalDeliveryError, match="target 'a'.*public.items does not exist; "
+                       "create it or set create_tables: true"):
+        deliver_target(spec, "iso", "a")
+    with pytest.raises(TerminalDeliveryError) as refused:
+        deliver_target(spec, "iso", "api")
+    assert "target 'api': the API refused the credentials (HTTP 401" in str(refused.value)
+    assert "$I_CRM_TOKEN" in str(refused.value) and "stale" not in str(refused.value)
+    assert deliver_target(spec, "iso", "b").changes > 0  # the healthy one is not held up
+    assert_tables_equal(source_dsn, target_dsn, "items")
+    health = {h.target: h for h in target_health(spec, "iso")}
+    assert health["api"].dead_letters == health["api"].held == 0
+    monkeypatch.setenv("I_CRM_TOKEN", "the-right-token")
+    execute(strict, *TARGET_DDL)
+    for t in ("a", "api"):
+        assert deliver_target(spec, "iso", t).changes > 0
+    assert_tables_equal(source_dsn, strict, "items")
+    source = {str(i): str(v) for i, v in rows(source_dsn, "SELECT id, version FROM items")}
+    assert {k: r["version"] for k, r in api.records("contacts").items()} == source

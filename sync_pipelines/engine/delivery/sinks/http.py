@@ -13,6 +13,10 @@ per change:
 * not sent because an earlier change of its key failed in this call: ``parked``;
 * a TRUNCATE, or a delete of a table without a ``delete`` endpoint, cannot be sent: ``dead``.
 
+A 401 is not any one change's fault: the whole call fails with a terminal error naming the
+environment variables of the credentials (never their values), nothing is recorded, and the
+target's runs fail until the credentials are fixed — no dead letter to redrive afterwards.
+
 A partial upsert (an UPDATE that left large values out as unchanged) is never sent: an API
 would replace its record with the partial body. It is reported for a re-read of the row
 instead (``Outcome.refetch``), and the change counts as delivered.
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from ...errors import SpecError
+from ...errors import SpecError, TerminalDeliveryError
 from ...mapping.mapper import Delete, TableMapper, Truncate, Upsert
 from ...spec import HttpTargetSpec, PipelineSpec
 from ...staging.held import Failure
@@ -65,6 +69,10 @@ class HttpSink:
     def __init__(self, client: HttpClient, *, pipeline: str, target: str,
                  spec: HttpTargetSpec, window_changes: int = WINDOW_CHANGES) -> None:
         self.client = client
+        auth = [v for v in (spec.auth.bearer_token_env, spec.auth.basic_user_env,
+                            spec.auth.basic_password_env) if v] if spec.auth else []
+        self.credentials = (f"${' and $'.join(auth)}" if auth
+                            else "the spec: the target has no `auth:`")
         self.pipeline = pipeline
         self.target = target
         self.window_changes = window_changes
@@ -96,6 +104,11 @@ class HttpSink:
                     yield req
 
         answers = self.client.send(requests())
+        refused = next((a for a in answers if a.status == 401), None)
+        if refused is not None:  # the whole target refuses us: not a fault of any one change
+            raise TerminalDeliveryError(
+                f"pipeline {self.pipeline!r}, target {self.target!r}: the API refused the "
+                f"credentials ({refused.error}); check {self.credentials}")
         for (ch, sub), answer in zip(sent, answers, strict=True):
             self._settle(ch, sub, answer)
         outcomes = [self._outcome(ch) for ch in changes]
