@@ -13,9 +13,10 @@ flowing. This is invariant 3 (per-key order) across retries:
   changes of the key park behind the dead letters until an operator redrives them (they go
   back in front, in order) or discards them (with a recorded reason).
 
-The ledger records each request delivered to an HTTP target by position, so a replay after a
-crash skips what was delivered; a crash between the request and the ledger write re-sends
-with the same idempotency key, which the API deduplicates.
+The ledger records, by position and sub-request, requests an HTTP target accepted for changes
+that did not complete (a key change whose DELETE was accepted but whose PUT failed), so a
+re-send skips them; a crash before the ledger write re-sends with the same idempotency key,
+which the API deduplicates.
 
 Held rows keep the raw pgoutput message, so they outlive the staged batch they came from.
 Every write that moves changes between states is one transaction.

@@ -1,19 +1,27 @@
-"""PostgreSQL sink: bulk, idempotent apply of a batch with its checkpoint in one transaction.
+"""PostgreSQL sink: bulk, idempotent apply of a window with its checkpoint in one transaction.
 
-Contract: :meth:`PostgresSink.apply` compacts a batch's operations per key
-(:mod:`..compaction`), then in **one target transaction** truncates, deletes (``DELETE ...
-USING`` a temp table filled by COPY), upserts (``INSERT ... SELECT`` from a COPY-filled temp
-table ``ON CONFLICT (key) DO UPDATE``) and writes the checkpoint row
-``(pipeline, target) → position``. Either all of it commits or none does, so:
+Contract (the sink protocol of :mod:`.base`): :meth:`PostgresSink.apply` compacts a window's
+operations per key (:mod:`...mapping.compaction`), then in **one target transaction**
+truncates, deletes (``DELETE ... USING`` a temp table filled by COPY), upserts (``INSERT ...
+SELECT`` from a COPY-filled temp table ``ON CONFLICT (key) DO UPDATE``), writes the checkpoint
+row ``(pipeline, target) → position`` and has the outcomes recorded before it commits. Either
+all of it commits or none does, so:
 
 * a crash before the commit leaves the target and the checkpoint as they were;
 * a crash after the commit is detected on the next run by reading the checkpoint, and the
-  batch is skipped — the exactly-once effect of invariant 2.
+  window is skipped — the exactly-once effect of invariant 2.
+
+A change the target refuses for good (constraint or data error) makes the bulk apply roll
+back; the window is then applied change by change in savepoints, so only the refused change
+(``dead``) and its key's later changes (``parked``) stay out. The retry sweep always goes
+change by change, without a checkpoint. A target that is down, a serialization failure or a
+deadlock raises :class:`~...errors.TransientDeliveryError`: nothing is recorded and the window
+is delivered again by a later run.
 
 A partial upsert (an UPDATE that left large, TOASTed values out as "unchanged") updates only
 the columns it carries, so the target keeps its own copy of the rest; for a key the target does
 not have it writes nothing and reports the key, and the caller asks for the row to be re-read
-from the source (:mod:`..refetch`) — never a row with NULL where the source has a value. A
+from the source (:mod:`....backfill.refetch`) — never a row with NULL where the source has a value. A
 whole row identical to the target's is not rewritten (no new row version, no WAL).
 
 Target tables are created from the source relation when missing and gain columns the source
