@@ -8,7 +8,10 @@ round in process instead of the UI: one sensor tick and the delivery runs it req
 yesterday's reconciliation run, through the same Dagster instance, and exits 0 only if the
 targets then match the source and the reconciliation finds no drift.
 
-Killing the command stops the embedded server (its data directory stays for next time).
+It prints what runs where (UI, CRM API, a ``psql`` line per database); ``demo --psql NAME``
+opens a shell on one. Ctrl-C or SIGTERM stops Dagster and all its processes first, then the
+generator and the CRM API, then the embedded server (its data directory stays for next time):
+nothing the demo started outlives it.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ def start_crm() -> CrmServer:
     token = os.environ.get("SYNC_CRM_TOKEN") or secrets.token_urlsafe(24)
     crm = CrmServer(bearer_token=token).start()
     os.environ.update({"SYNC_CRM_URL": crm.base_url, "SYNC_CRM_TOKEN": token})
-    print(f"reference CRM API: {crm.base_url} (inspect: {crm.base_url}/_admin/received)")
     return crm
 
 
@@ -169,13 +171,81 @@ def _tick(sensor, instance, resources, defs) -> int:  # type: ignore[no-untyped-
     return len(requests or [])
 
 
+def where_things_are(pg: EmbeddedPostgres, crm: CrmServer, port: int, home: Path) -> str:
+    """What runs where, ready to paste (no secrets: the embedded server trusts local
+    connections on its socket; the CRM token stays in the environment)."""
+    rows = [("Dagster UI", f"http://127.0.0.1:{port}"),
+            ("CRM API (HTTP target)", f"{crm.base_url}   (what it received: "
+                                      f"{crm.base_url}/_admin/received)")]
+    roles = {"crm": "source", "reporting": "Postgres target", "sync_state": "state",
+             "dagster": "Dagster storage"}
+    for db in DATABASES.values():
+        rows.append((f"database {db} ({roles.get(db, db)})", f'psql "{pg.dsn(db)}"'))
+    width = max(len(a) for a, _ in rows)
+    lines = [f"  {a:<{width}}  {b}" for a, b in rows]
+    lines.append(f"  {'':<{width}}  (or: sync-pipelines demo --home {home} --psql <database>)")
+    return "\n".join(["what runs where:", *lines])
+
+
+def psql(home: Path, database: str) -> int:
+    """A psql shell on one of the demo's embedded databases (the server is started if the demo
+    is not running; it stops again after the shell when nobody else uses it)."""
+    if database not in DATABASES.values():
+        print(f"sync-pipelines: no demo database {database!r} "
+              f"(databases: {', '.join(DATABASES.values())})", file=sys.stderr)
+        return 2
+    from sync_pipelines.engine.runtime.embedded import client_program
+
+    pg = start_embedded(home / "pg")
+    program = client_program("psql", pg.version)
+    if program is None:
+        print(f"no psql program found; connect with: {pg.dsn(database)}", file=sys.stderr)
+        return 1
+    return subprocess.call([str(program), pg.dsn(database)])
+
+
+class _Stop(Exception):
+    """SIGINT or SIGTERM: stop everything, Dagster first."""
+
+
+def _stop_group(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
+    """Stop ``dagster dev`` and every process it started (its own process group): SIGINT,
+    then SIGTERM, then SIGKILL, until the group is empty."""
+    pgid = proc.pid
+    for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            proc.poll()
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return  # the whole group is gone
+            time.sleep(0.2)
+
+
 def demo(args: argparse.Namespace) -> int:
-    # SIGTERM (a service manager, `timeout`) takes the same clean path as Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    home = Path(args.home).resolve()
+    if args.psql:
+        return psql(home, args.psql)
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stop()
+
+    # Ctrl-C (the terminal signals our process group, not Dagster's: it runs in its own) and
+    # SIGTERM (a service manager, `timeout`) take the same path: Dagster and all its children
+    # first, then the generator and the CRM API, then PostgreSQL — nothing outlives the demo.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     spec = _repo_file(args.spec).resolve()
-    crm = start_crm()
-    pg = prepare_environment(Path(args.home).resolve(), spec)
+    workspace = _repo_file("workspace.yaml").resolve()
+    crm = pg = gen = dagster = None
     try:
+        crm = start_crm()
+        pg = prepare_environment(home, spec)
         if args.smoke:
             return smoke(spec)
         from sync_pipelines.demo.generator import ChangeGenerator
@@ -183,18 +253,29 @@ def demo(args: argparse.Namespace) -> int:
         gen = ChangeGenerator(os.environ["SYNC_SOURCE_DSN"], rate=args.rate)
         gen.start()
         print(f"change generator: ~{args.rate} CRM transactions/s into database 'crm'")
-        print(f"Dagster UI: http://127.0.0.1:{args.port} (Ctrl-C stops everything)")
-        cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(_repo_file("workspace.yaml")),
-               "-h", "127.0.0.1", "-p", str(args.port)]
-        try:
-            return subprocess.call(cmd)
-        except KeyboardInterrupt:
-            return 0
-        finally:
-            gen.stop()
+        print(where_things_are(pg, crm, args.port, home))
+        print("Ctrl-C stops everything.", flush=True)
+        # Run from DAGSTER_HOME, where its dagster.yaml is: from the project folder Dagster
+        # warns that the folder's dagster.yaml "will not be used" (it is the same settings).
+        dagster = subprocess.Popen(
+            [sys.executable, "-m", "dagster", "dev", "-w", str(workspace), "-h", "127.0.0.1",
+             "-p", str(args.port)], cwd=os.environ["DAGSTER_HOME"], start_new_session=True)
+        return dagster.wait()
+    except _Stop:
+        print("\nstopping: Dagster, then the CRM API and the generator, then PostgreSQL",
+              flush=True)
+        return 0
     finally:
-        pg.stop()
-        crm.stop()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if dagster is not None:
+            _stop_group(dagster)
+        if gen is not None:
+            gen.stop()
+        if crm is not None:
+            crm.stop()
+        if pg is not None:
+            pg.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--rate", type=float, default=5.0, help="demo transactions per second")
     d.add_argument("--smoke", action="store_true",
                    help="run one sensor tick and its delivery runs in process, check, and exit")
+    d.add_argument("--psql", metavar="DATABASE",
+                   help="open a psql shell on one of the demo's databases "
+                   f"({', '.join(DATABASES.values())}) and exit")
     args = parser.parse_args(argv)
     return demo(args)
 

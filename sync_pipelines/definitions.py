@@ -12,6 +12,7 @@ import os
 import dagster as dg
 
 from sync_pipelines.defs.failures import build_failure_defs
+from sync_pipelines.defs.health import build_health_defs
 from sync_pipelines.defs.pipelines import build_pipeline_defs
 from sync_pipelines.defs.reconcile import build_reconcile_defs
 from sync_pipelines.defs.resources import SyncEngine
@@ -27,7 +28,8 @@ def build_definitions(spec_path: str) -> dg.Definitions:
     return dg.Definitions.merge(
         *(build_pipeline_defs(p) for p in spec.pipelines.values()),
         *(build_failure_defs(p) for p in spec.pipelines.values()),
-        *(build_reconcile_defs(p) for p in spec.pipelines.values()),
+        *(build_health_defs(p) for p in spec.pipelines.values()),
+        *(build_reconcile_defs(spec, p) for p in spec.pipelines.values()),
         dg.Definitions(resources={"sync": SyncEngine(spec_path=spec_path)}),
     )
 

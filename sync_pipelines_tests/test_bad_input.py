@@ -121,6 +121,23 @@ SPEC_CASES = [
                  id="table-twice-qualified"),
     pytest.param(with_pipeline(tables=["customers", "customers"]),
                  ["table(s) listed twice: customers"], id="table-twice-listed"),
+    # health thresholds that make no sense: an ERROR below its WARN, a negative one
+    pytest.param(with_pipeline(policy={"slot_lag_warn_mb": 100, "slot_lag_error_mb": 10}),
+                 ["pipeline 'crm', policy:", "slot_lag_error_mb (10.0) is below "
+                  "slot_lag_warn_mb (100.0)"], id="error-below-warn"),
+    pytest.param(with_pipeline(policy={"backlog_warn_seconds": -5}),
+                 ["pipeline 'crm', policy.backlog_warn_seconds:", "greater than or equal to 0"],
+                 id="negative-threshold"),
+    pytest.param(with_pipeline(reconcile={"drift_warn": 10, "drift_error": 1}),
+                 ["pipeline 'crm', reconcile:", "drift_error (1) is below drift_warn (10)"],
+                 id="drift-error-below-warn"),
+    # a time zone that does not exist
+    pytest.param(with_pipeline(reconcile={"timezone": "Mars/Olympus"}),
+                 ["pipeline 'crm', reconcile.timezone:", "unknown time zone 'Mars/Olympus'"],
+                 id="timezone"),
+    # a change-time column for a table the pipeline does not capture
+    pytest.param(with_pipeline(reconcile={"changed_at": {"orders": "updated_at"}}),
+                 ["reconcile.changed_at names table(s) public.orders"], id="changed-at-table"),
     # two source tables onto one target table: their keys would collide
     pytest.param(with_pipeline(tables={"customers": {"target_table": "crm.people"},
                                        "contacts": {"target_table": "crm.people"}}),

@@ -13,7 +13,7 @@ import yaml
 
 from sync_pipelines.definitions import build_definitions
 from sync_pipelines.defs.resources import SyncEngine
-from sync_pipelines.engine.pipeline import deliver_pipeline, pull_pipeline, target_health
+from sync_pipelines.engine import deliver_pipeline, pull_pipeline, target_health
 from sync_pipelines.engine.spec import load_spec
 
 from .support.pipelines import execute
@@ -69,25 +69,35 @@ def test_sweep_job_checks_and_dead_letter_redrive(tmp_path, monkeypatch, source_
     deliver_pipeline(spec, "crm")
     assert target_health(spec, "crm")[0].dead_letters == 2
     resources = {"sync": SyncEngine(spec_path=str(path))}
+    health = defs.get_sensor_def("crm_health_sensor")
+
+    def checks(instance: dg.DagsterInstance) -> dict[str, dg.AssetCheckEvaluation]:
+        with dg.build_sensor_context(instance=instance, resources=resources) as ctx:
+            result = health(ctx)
+        return {e.check_name: e for e in result.asset_events
+                if e.asset_key.path[-1] == "api"}
+
     with dg.instance_for_test() as instance:
         sweep = defs.resolve_job_def("crm_retry_sweep_job")
         result = sweep.execute_in_process(instance=instance, resources=resources)
         assert result.success
-        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
-        assert checks["retry_queue"].passed
-        dead = checks["dead_letters"]
+        assert not result.get_asset_check_evaluations()  # the sweep plans no checks
+        found = checks(instance)
+        assert found["retry_queue"].passed
+        dead = found["dead_letters"]
         assert not dead.passed and dead.severity == dg.AssetCheckSeverity.WARN
         assert dead.metadata["dead_letters"].value == 2
-        assert len(dead.metadata["latest"].value.records) == 2
+        latest = dead.metadata["latest"].value.records
+        assert len(latest) == 2 and {r.data["table"] for r in latest} == {"public.contacts"}
         # The operator fixes the API and redrives from the launchpad.
         crm_server.set_faults()
         job = defs.resolve_job_def("crm_dead_letters_job")
         run = job.execute_in_process(instance=instance, resources=resources, run_config={
             "ops": {"crm_dead_letters": {"config": {"target": "api", "action": "redrive"}}}})
         assert run.success and run.output_for_node("crm_dead_letters") == 2
-        again = sweep.execute_in_process(instance=instance, resources=resources)
-        checks = {e.check_name: e for e in again.get_asset_check_evaluations()}
-        assert checks["dead_letters"].passed
+        assert run.dagster_run.tags.get("sync/operator") == "crm"
+        assert sweep.execute_in_process(instance=instance, resources=resources).success
+        assert checks(instance)["dead_letters"].passed
     assert crm_server.records("contacts")["1"]["version"] == "1"
     # A bad action is refused with a message, not a stack trace from inside.
     with dg.instance_for_test() as instance:

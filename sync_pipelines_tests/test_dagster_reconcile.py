@@ -13,7 +13,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -45,7 +45,8 @@ def write_spec(tmp_path: Path, monkeypatch, source_dsn, target_dsn, state_dsn,
             "targets": {"reporting": {"dsn_env": "R_TARGET_DSN"}},
             "policy": {"snapshot_chunk": 700},
             "reconcile": {"timezone": "Europe/Paris", "at": "00:30", "drift_warn": 0,
-                          "drift_error": 5, "confirm_timeout_seconds": 60, **reconcile},
+                          "drift_error": 5, "confirm_timeout_seconds": 60,
+                          "start_date": "2026-01-01", **reconcile},
         }},
     }))
     return path
@@ -79,6 +80,22 @@ def test_definitions_and_the_schedule_asks_for_the_day_that_ended(
     ) as ctx:
         [request] = schedule.evaluate_tick(ctx).run_requests or []
     assert request.partition_key == "2026-11-23"
+
+
+def test_the_days_start_where_the_pipeline_started(tmp_path, monkeypatch, source_dsn,
+                                                   target_dsn, state_dsn):
+    """Without a start_date, the partitions begin the day the pipeline was first seen (not at a
+    fixed old date that invites hundreds of meaningless runs)."""
+    execute(source_dsn, "CREATE TABLE accounts (id int PRIMARY KEY, name text, v int)")
+    spec = write_spec(tmp_path, monkeypatch, source_dsn, target_dsn, state_dsn,
+                      start_date=None)
+    pull_pipeline(load_spec(str(spec)), "crm")
+    execute(state_dsn, "UPDATE sync_state.pipeline SET created_at = now() - interval '3 days'")
+    job = build_definitions(str(spec)).resolve_job_def("crm_reconcile_job")
+    assert job.partitions_def is not None
+    keys = job.partitions_def.get_partition_keys()
+    first = (datetime.now(ZoneInfo("Europe/Paris")) - timedelta(days=3)).date().isoformat()
+    assert keys[0] == first and len(keys) <= 4, keys
 
 
 def test_initial_backfill_sensor_then_job_bring_existing_rows(

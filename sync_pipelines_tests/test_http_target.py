@@ -9,14 +9,14 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 
-from sync_pipelines.engine.faults import Faults, InjectedCrash
-from sync_pipelines.engine.pipeline import (
+from sync_pipelines.engine import (
     deliver_pipeline,
     pull_pipeline,
     resolve_dead_letters,
     sweep_target,
     target_health,
 )
+from sync_pipelines.engine.faults import Faults, InjectedCrash
 from sync_pipelines.engine.spec import parse_spec
 
 from .support.pipelines import execute, rows

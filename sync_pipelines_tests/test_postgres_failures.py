@@ -10,14 +10,14 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from sync_pipelines.engine.errors import TransientDeliveryError
-from sync_pipelines.engine.pipeline import (
+from sync_pipelines.engine import (
     deliver_pipeline,
     pull_pipeline,
     resolve_dead_letters,
     sweep_pipeline,
     target_health,
 )
+from sync_pipelines.engine.errors import TransientDeliveryError
 
 from .support.pipelines import assert_tables_equal, execute, make_spec, rows
 

@@ -148,3 +148,59 @@ def test_http_target_is_reconciled_and_repaired_through_its_list_endpoint(
         assert again is not None and again.drift == 0
     records = crm_server.records("contacts")
     assert "99" not in records and records["4"]["email_address"] == "c4@x.io"
+
+
+def test_a_day_compares_the_rows_changed_that_day_and_a_full_run_all(
+        monkeypatch, source_dsn, target_dsn, state_dsn):
+    """With a change-time column, yesterday's partition finds drift on rows changed yesterday and
+    not on older ones, the day before finds nothing of it, and a full run finds both; the run
+    itself drives delivery while confirming (no sensor needed) and says how long it waited."""
+    from datetime import date, datetime, timedelta, timezone
+
+    execute(source_dsn, "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, "
+                        "updated_at timestamptz NOT NULL)")
+    spec = make_spec(monkeypatch, source_dsn=source_dsn, target_dsn=target_dsn,
+                     state_dsn=state_dsn, tables=["items"],
+                     reconcile={"changed_at": "updated_at"})
+    today = datetime.now(timezone.utc).date()
+    yesterday, long_ago = today - timedelta(days=1), today - timedelta(days=5)
+    pull_pipeline(spec, "crm")
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        for first, when in ((1, yesterday), (21, long_ago)):
+            conn.execute("INSERT INTO items SELECT g, g, %s FROM generate_series(%s::int, %s) g",
+                         (datetime.combine(when, datetime.min.time(), timezone.utc)
+                          + timedelta(hours=12), first, first + 19))
+    sync_until_idle(spec)
+    execute(target_dsn, "UPDATE items SET v = -1 WHERE id IN (3, 33)",  # one of each day
+            "DELETE FROM items WHERE id = 7")                            # changed yesterday
+    day = reconcile(spec, "crm", day=yesterday, drive=True)
+    assert drift_of(day) == {("replica", ("3",), "different", ("v",)),
+                             ("replica", ("7",), "missing", ())}
+    [table] = day.tables
+    assert table.method == "changed-at (updated_at)" and table.compared_keys == 20
+    assert table.waited_s > 0 and day.waited_s == table.waited_s
+    assert drift_of(reconcile(spec, "crm", day=yesterday - timedelta(days=1), drive=True)) \
+        == set()
+    full = reconcile(spec, "crm", day=yesterday, full=True, drive=True)
+    assert {d[1] for d in drift_of(full)} == {("3",), ("7",), ("33",)}
+    assert full.tables[0].method in ("range-hash", "row-by-row")
+    assert isinstance(day.as_of, datetime) and date.fromisoformat(str(yesterday))
+
+
+def test_an_unknown_change_time_column_names_pipeline_field_and_columns(
+        monkeypatch, source_dsn, target_dsn, state_dsn):
+    from datetime import date
+
+    import pytest
+
+    from sync_pipelines.engine import SpecError
+
+    execute(source_dsn, "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL)")
+    spec = make_spec(monkeypatch, source_dsn=source_dsn, target_dsn=target_dsn,
+                     state_dsn=state_dsn, tables=["items"],
+                     reconcile={"changed_at": {"items": "modified"}})
+    pull_pipeline(spec, "crm")
+    with pytest.raises(SpecError) as err:
+        reconcile(spec, "crm", day=date(2026, 11, 30))
+    assert str(err.value) == ("pipeline 'crm', reconcile.changed_at: table public.items has no "
+                              "column 'modified' (columns: id, v)")

@@ -1,26 +1,30 @@
-"""Per-pipeline Dagster definitions for failures: retry sweep, its checks, dead-letter actions.
+"""Per-pipeline Dagster definitions for failures: the retry sweep, dead-letter actions, and
+recovery of a lost slot.
 
-For a pipeline ``p`` with targets ``t1..tn``:
+For a pipeline ``p``:
 
-* asset checks ``retry_queue`` and ``dead_letters`` on each ``sync/p/delivered/<t>`` asset —
-  WARN above the policy's warn threshold, ERROR above its error threshold — with the latest
-  rows as a table, evaluated by the sweep;
-* job ``p_retry_sweep_job`` (runs those checks; their body first delivers due retries in
-  per-key order) and schedule ``p_retry_sweep_schedule`` (every 2 minutes, running by default);
+* job ``p_retry_sweep_job`` (delivers due retries of every target in per-key order) and
+  schedule ``p_retry_sweep_schedule`` (every 2 minutes, running by default); the queue depths
+  it changes are shown by the ``retry_queue`` / ``dead_letters`` checks (:mod:`.health`);
 * job ``p_dead_letters_job``, launched from the launchpad with config, to redrive dead letters
-  (back in front of their keys, due now) or discard them with a recorded reason.
-"""
+  (back in front of their keys, due now) or discard them with a recorded reason;
+* job ``p_recover_job`` (launchpad), for a slot that was dropped or lost WAL: recreates it,
+  backfills every table and reconciles with repair.
 
-from typing import Any
+Operator jobs carry ``sync/operator`` (one at a time per pipeline), the sweep
+``sync/pipeline``; neither waits behind delivery runs (``sync/target``): the engine's
+per-target locks keep them and the deliveries apart.
+"""
 
 import dagster as dg
 
 import sync_pipelines.engine as engine
 from sync_pipelines.engine import PipelineSpec, SyncError
 
-from .pipelines import PIPELINE_TAG, delivered_key
+from .pipelines import PIPELINE_TAG
 from .resources import SyncEngine
 
+OPERATOR_TAG = "sync/operator"
 SWEEP_CRON = "*/2 * * * *"
 
 
@@ -39,66 +43,32 @@ class DeadLetterAction(dg.Config):
     """Why they are discarded (required for 'discard'; recorded)."""
 
 
-def _severity(count: int, warn: int, error: int) -> tuple[bool, dg.AssetCheckSeverity]:
-    if count > error:
-        return False, dg.AssetCheckSeverity.ERROR
-    return count <= warn, dg.AssetCheckSeverity.WARN
-
-
-HELD_COLUMNS = ("key", "commit_lsn", "seq", "op", "attempts", "next_attempt_at",
-                "last_status", "last_error", "held_since")
-DEAD_COLUMNS = ("id", "key", "commit_lsn", "seq", "op", "attempts", "last_status", "reason",
-                "dead_at")
-
-
-def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> dg.MetadataValue:
-    records = [dg.TableRecord({c: ("" if r.get(c) is None else str(r[c])) for c in columns})
-               for r in rows]
-    schema = dg.TableSchema(columns=[dg.TableColumn(c, "string") for c in columns])
-    return dg.MetadataValue.table(records, schema=schema)
-
-
 def build_failure_defs(pipeline: PipelineSpec) -> dg.Definitions:
     p = pipeline.name
-    policy = pipeline.policy
-    specs = [
-        dg.AssetCheckSpec(name, asset=delivered_key(p, t), description=text)
-        for t in pipeline.targets
-        for name, text in (
-            ("retry_queue", "Changes held for retry (or parked behind one) for this target."),
-            ("dead_letters", "Unresolved dead letters for this target."),
-        )
-    ]
 
-    @dg.multi_asset_check(name=f"{p}_retry_sweep", specs=specs, can_subset=False)
-    def retry_sweep(context: dg.AssetCheckExecutionContext, sync: SyncEngine):
-        spec = sync.spec()
+    @dg.op(name=f"{p}_retry_sweep")
+    def retry_sweep(context: dg.OpExecutionContext, sync: SyncEngine) -> int:
         try:
-            for r in engine.sweep_pipeline(spec, p):
-                context.log.info(f"{p} → {r.target}: {r.keys} due key(s), {r.delivered} "
-                                 f"delivered, {r.rescheduled} rescheduled, {r.dead_letters} "
-                                 "dead-lettered")
-            health = engine.target_health(spec, p)
+            reports = engine.sweep_pipeline(sync.spec(), p)
         except SyncError as err:
             raise dg.Failure(description=str(err)) from None
-        for h in health:
-            key = delivered_key(p, h.target)
-            passed, severity = _severity(h.held, policy.retry_warn, policy.retry_error)
-            yield dg.AssetCheckResult(
-                asset_key=key, check_name="retry_queue", passed=passed, severity=severity,
-                metadata={"held": h.held, "latest": _table(h.latest_held, HELD_COLUMNS)})
-            passed, severity = _severity(h.dead_letters, policy.dead_letter_warn,
-                                         policy.dead_letter_error)
-            yield dg.AssetCheckResult(
-                asset_key=key, check_name="dead_letters", passed=passed, severity=severity,
-                metadata={"dead_letters": h.dead_letters,
-                          "latest": _table(h.latest_dead_letters, DEAD_COLUMNS)})
+        for r in reports:
+            context.log.info(f"{p} → {r.target}: {r.keys} due key(s), {r.delivered} "
+                             f"delivered, {r.rescheduled} rescheduled, {r.dead_letters} "
+                             "dead-lettered")
+        context.add_output_metadata({
+            "due_keys": sum(r.keys for r in reports),
+            "delivered": sum(r.delivered for r in reports),
+            "rescheduled": sum(r.rescheduled for r in reports),
+            "dead_lettered": sum(r.dead_letters for r in reports)})
+        return sum(r.delivered for r in reports)
 
-    sweep_job = dg.define_asset_job(
-        f"{p}_retry_sweep_job", selection=dg.AssetSelection.checks(*[s.key for s in specs]),
-        executor_def=dg.in_process_executor, tags={PIPELINE_TAG: p},
-        description=f"Deliver due retries of pipeline {p} in per-key order; check queue depths.",
-    )
+    @dg.job(name=f"{p}_retry_sweep_job", executor_def=dg.in_process_executor,
+            tags={PIPELINE_TAG: p},
+            description=f"Deliver due retries of pipeline {p} in per-key order.")
+    def sweep_job() -> None:
+        retry_sweep()
+
     schedule = dg.ScheduleDefinition(
         name=f"{p}_retry_sweep_schedule", job=sweep_job, cron_schedule=SWEEP_CRON,
         default_status=dg.DefaultScheduleStatus.RUNNING,
@@ -119,10 +89,29 @@ def build_failure_defs(pipeline: PipelineSpec) -> dg.Definitions:
         return n
 
     @dg.job(name=f"{p}_dead_letters_job", executor_def=dg.in_process_executor,
-            tags={PIPELINE_TAG: p},
+            tags={OPERATOR_TAG: p},
             description=f"Redrive or discard dead letters of pipeline {p} (launchpad config).")
     def dead_letters_job() -> None:
         dead_letters()
 
-    return dg.Definitions(asset_checks=[retry_sweep], jobs=[sweep_job, dead_letters_job],
+    @dg.op(name=f"{p}_recover")
+    def recover(context: dg.OpExecutionContext, sync: SyncEngine) -> None:
+        try:
+            report = engine.recover_pipeline(sync.spec(), p, on_step=context.log.info)
+        except SyncError as err:
+            raise dg.Failure(description=str(err)) from None
+        rec = report.reconciliation
+        context.add_output_metadata({
+            "slot_recreated": report.slot_recreated,
+            "rows_backfilled": sum(b.rows for b in report.backfills),
+            "drift_repaired": rec.drift if rec else 0})
+
+    @dg.job(name=f"{p}_recover_job", executor_def=dg.in_process_executor,
+            tags={"sync/maintenance": p},
+            description=f"Recover pipeline {p} after its slot was dropped or lost WAL: "
+            "recreate the slot, backfill every table, reconcile with repair.")
+    def recover_job() -> None:
+        recover()
+
+    return dg.Definitions(jobs=[sweep_job, dead_letters_job, recover_job],
                           schedules=[schedule])

@@ -43,8 +43,12 @@ class DeliverConfig(dg.Config):
     """Deliver staged batches up to this id (all staged batches if empty)."""
 
 
+def source_key(p: str) -> dg.AssetKey:
+    return dg.AssetKey(["sync", p, "source"])
+
+
 def _keys(p: str) -> tuple[dg.AssetKey, dg.AssetKey]:
-    return dg.AssetKey(["sync", p, "source"]), dg.AssetKey(["sync", p, "staged"])
+    return source_key(p), dg.AssetKey(["sync", p, "staged"])
 
 
 def delivered_key(p: str, target: str) -> dg.AssetKey:

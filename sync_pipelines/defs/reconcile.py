@@ -18,7 +18,9 @@ long backfill or reconciliation never holds up delivery (which they rely on).
 
 
 import time
+from datetime import date, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import dagster as dg
 
@@ -28,6 +30,7 @@ from sync_pipelines.engine import (
     PipelineSpec,
     SnapshotReport,
     SyncError,
+    SyncSpec,
     TableDrift,
 )
 
@@ -56,6 +59,9 @@ class BackfillConfig(dg.Config):
 class ReconcileConfig(dg.Config):
     repair: bool | None = None
     """Send confirmed drift through the stream (default: the spec's ``reconcile.repair``)."""
+    full: bool | None = None
+    """Compare every row, not only the day's changes (default: on the spec's
+    ``reconcile.full_on`` weekday)."""
     tables: list[str] = []
     """Source tables to compare; all if empty."""
     targets: list[str] = []
@@ -90,15 +96,20 @@ def _fail(err: SyncError) -> dg.Failure:
 
 
 def _snapshot_metadata(r: SnapshotReport) -> dict[str, Any]:
-    pct = (100.0 * r.total_rows / r.rows_estimate) if r.rows_estimate else None
-    return {
+    """A table's backfill progress. A finished one is 100 %; an unfinished one has a percent
+    only when the catalog's row estimate is known (never a made-up 0)."""
+    out: dict[str, Any] = {
         "table": r.table, "status": "done" if r.done else "running",
         "rows_this_run": r.rows, "rows_total": r.total_rows, "chunks_this_run": r.chunks,
-        "rows_estimate": r.rows_estimate or 0,
-        "percent": round(min(pct, 100.0), 1) if pct is not None else 0.0,
         "resumed": r.resumed, "duration_s": round(r.duration_s, 2),
         "rows_per_s": round(r.rows_per_s, 1),
     }
+    if r.done:
+        out["percent"] = 100.0
+    elif r.rows_estimate:
+        out["rows_estimate"] = r.rows_estimate
+        out["percent"] = round(min(100.0 * r.total_rows / r.rows_estimate, 99.9), 1)
+    return out
 
 
 def _drift_table(tables: list[TableDrift]) -> dg.MetadataValue:
@@ -127,10 +138,22 @@ def _per_table(tables: list[TableDrift]) -> dg.MetadataValue:
     return dg.MetadataValue.table(records, schema=schema)
 
 
-def build_reconcile_defs(pipeline: PipelineSpec) -> dg.Definitions:
+def _first_day(spec: SyncSpec, pipeline: PipelineSpec) -> str:
+    """The first daily partition: the spec's ``start_date``, else the day the pipeline was first
+    seen in the state DB, else today (a new pipeline), so the UI does not offer hundreds of
+    days nobody synced."""
+    if pipeline.reconcile.start_date:
+        return pipeline.reconcile.start_date
+    seen = engine.first_day(spec, pipeline.name)
+    if seen is None:
+        seen = datetime.now(ZoneInfo(pipeline.reconcile.timezone)).date()
+    return seen.isoformat()
+
+
+def build_reconcile_defs(spec: SyncSpec, pipeline: PipelineSpec) -> dg.Definitions:
     p = pipeline.name
     rspec = pipeline.reconcile
-    partitions = dg.DailyPartitionsDefinition(start_date=rspec.start_date,
+    partitions = dg.DailyPartitionsDefinition(start_date=_first_day(spec, pipeline),
                                               timezone=rspec.timezone)
 
     @dg.asset(key=backfill_key(p), group_name=p,
@@ -174,10 +197,13 @@ def build_reconcile_defs(pipeline: PipelineSpec) -> dg.Definitions:
     def reconciliation(context: dg.AssetExecutionContext, config: ReconcileConfig,
                        sync: SyncEngine):
         repair = rspec.repair if config.repair is None else config.repair
+        day = date.fromisoformat(context.partition_key)
+        full = config.full if config.full is not None else (
+            rspec.full_on != "never" and day.strftime("%A").lower() == rspec.full_on)
         try:
             report = engine.reconcile(
                 sync.spec(), p, tables=config.tables or None, targets=config.targets or None,
-                repair=repair, on_table=lambda t: context.log.info(
+                repair=repair, day=day, full=full, drive=True, on_table=lambda t: context.log.info(
                     f"{p} {t.table} → {t.target} ({t.method}): {t.missing} missing, "
                     f"{t.extra} extra, {t.different} different, {t.in_flight} in flight"
                     + (f"; {t.note}" if t.note else "")))
@@ -187,6 +213,9 @@ def build_reconcile_defs(pipeline: PipelineSpec) -> dg.Definitions:
         total = report.drift
         yield dg.MaterializeResult(metadata={
             "day": context.partition_key,
+            "scope": dg.MetadataValue.text(_scope(pipeline, report, full)),
+            "as_of": report.as_of.isoformat(timespec="seconds") if report.as_of else "",
+            "waited_for_delivery_s": round(report.waited_s, 2),
             "drift_total": total,
             "drift_missing": sum(t.missing for t in tables),
             "drift_extra": sum(t.extra for t in tables),
@@ -216,6 +245,19 @@ def build_reconcile_defs(pipeline: PipelineSpec) -> dg.Definitions:
                       "not_compared_by_spec": dg.MetadataValue.text(", ".join(
                           f"{t.target}/{t.table}" for t in tables if _unlisted(t)) or "none"),
                       "sample": _drift_table(tables)})
+
+    def _scope(pipeline: PipelineSpec, report: Any, full: bool) -> str:
+        by_day = sorted({t.table for t in report.tables if t.method.startswith("changed-at")})
+        current = sorted({t.table for t in report.tables} - set(by_day))
+        parts = []
+        if by_day:
+            parts.append(f"rows changed on the day (by their change-time column): "
+                         f"{', '.join(by_day)}")
+        if current:
+            why = "a full run" if full else "no reconcile.changed_at column"
+            parts.append(f"current state as of {report.as_of:%Y-%m-%d %H:%M:%S %Z} ({why}): "
+                         f"{', '.join(current)}")
+        return "; ".join(parts) or "nothing compared"
 
     def _unlisted(t: TableDrift) -> bool:
         tspec = pipeline.targets[t.target]

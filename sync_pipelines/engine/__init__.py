@@ -22,6 +22,8 @@ Entry points (each opens its connections and closes them on return, crash or not
   :func:`resolve_dead_letters` — the retry queue and dead letters, for checks and operators;
 * :func:`backfill_pipeline`, :func:`backfill_plan` — existing rows through the stream;
 * :func:`reconcile` — drift between source and targets, confirmed, optionally repaired;
+* :func:`slot_health`, :func:`target_health` — standing health for checks;
+  :func:`recover_pipeline` — after a slot was dropped or lost WAL;
 * :func:`load_spec`, :func:`parse_spec` — the validated sync spec.
 """
 
@@ -30,6 +32,7 @@ from .capture.puller import PullReport
 from .delivery.report import DeliveryReport, SweepReport
 from .delivery.sinks.base import ApplyStats
 from .errors import (
+    SlotLostError,
     SpecError,
     SyncError,
     Terminal,
@@ -37,25 +40,27 @@ from .errors import (
     Transient,
     TransientDeliveryError,
 )
+from .health import SlotHealth, TargetHealth, slot_health, target_health
 from .pipeline import (
     BackfillPlan,
-    TargetHealth,
     backfill_pipeline,
     backfill_plan,
     compare_tables,
+    day_window,
     deliver_pipeline,
     deliver_target,
     delivery_backlog,
+    first_day,
     mark_requested,
     pull_pipeline,
     reconcile,
     resolve_dead_letters,
     sweep_pipeline,
     sweep_target,
-    target_health,
 )
 from .reconcile.drift import KeyDrift, TableDrift
 from .reconcile.run import ReconcileReport
+from .recovery import RecoveryReport, recover_pipeline
 from .spec import HttpTargetSpec, PipelineSpec, PostgresTargetSpec, SyncSpec, load_spec, parse_spec
 from .staging.refetch import RefetchReport
 from .staging.store import Backlog
@@ -63,11 +68,12 @@ from .wire.pgoutput import format_lsn
 
 __all__ = [
     "ApplyStats", "BackfillPlan", "Backlog", "DeliveryReport", "HttpTargetSpec", "KeyDrift",
-    "PipelineSpec", "PostgresTargetSpec", "PullReport", "ReconcileReport", "RefetchReport",
-    "SnapshotReport", "SpecError", "SweepReport", "SyncError", "SyncSpec", "TableDrift",
-    "TargetHealth", "Terminal", "TerminalDeliveryError", "Transient", "TransientDeliveryError",
-    "backfill_pipeline", "backfill_plan", "compare_tables", "deliver_pipeline",
-    "deliver_target", "delivery_backlog", "format_lsn", "load_spec", "mark_requested",
-    "parse_spec", "pull_pipeline", "reconcile", "resolve_dead_letters", "sweep_pipeline",
-    "sweep_target", "target_health",
+    "PipelineSpec", "PostgresTargetSpec", "PullReport", "ReconcileReport", "RecoveryReport",
+    "RefetchReport", "SlotHealth", "SlotLostError", "SnapshotReport", "SpecError", "SweepReport",
+    "SyncError", "SyncSpec", "TableDrift", "TargetHealth", "Terminal", "TerminalDeliveryError",
+    "Transient", "TransientDeliveryError",
+    "backfill_pipeline", "backfill_plan", "compare_tables", "day_window", "deliver_pipeline",
+    "deliver_target", "delivery_backlog", "first_day", "format_lsn", "load_spec", "mark_requested",
+    "parse_spec", "pull_pipeline", "reconcile", "recover_pipeline", "resolve_dead_letters",
+    "slot_health", "sweep_pipeline", "sweep_target", "target_health",
 ]

@@ -9,9 +9,11 @@ can turn it into a clear failure message instead of a stack trace from deep insi
     ├── SpecError            the sync spec (YAML) is invalid: names the file, pipeline and field
     ├── SourceError          the source database cannot be used as configured
     │   ├── SourceConfigError    wal_level, missing table, primary key, replica identity
-    │   └── SlotConflictError    the slot is in use or was advanced by someone else
+    │   ├── SlotConflictError    the slot is in use or was advanced by someone else
+    │   └── SlotLostError        the slot was dropped or lost WAL it needed: recover
     ├── StateError           the state database is unreachable or inconsistent
-    │   └── SnapshotBusyError    a backfill of the table is already running elsewhere
+    │   └── BusyError            another run holds the lock this step needs
+    │       └── SnapshotBusyError    a backfill of the table is already running elsewhere
     └── DeliveryError        a change could not be applied to a target
         ├── TransientDeliveryError   retrying later may succeed (target down, serialization)
         └── TerminalDeliveryError    retrying cannot succeed (constraint violation, bad data)
@@ -54,6 +56,12 @@ class SlotConflictError(SourceError, Terminal):
     """The replication slot is used by another consumer, or moved without us."""
 
 
+class SlotLostError(SourceError, Terminal):
+    """The slot is gone or invalidated (``wal_status = 'lost'``): changes after its position
+    are no longer in the source's WAL. Starting a new slot from "now" would skip them, so the
+    pipeline stops and names the recovery (recreate the slot, backfill, reconcile)."""
+
+
 class SourceUnavailableError(SourceError, Transient):
     """The source database cannot be reached right now."""
 
@@ -62,7 +70,11 @@ class StateError(SyncError):
     """The state database is unreachable or its contents are inconsistent."""
 
 
-class SnapshotBusyError(StateError, Transient):
+class BusyError(StateError, Transient):
+    """Another run or process holds the lock this step needs; try again later."""
+
+
+class SnapshotBusyError(BusyError):
     """A backfill (or other snapshot) of the same table is already running in another run."""
 
 

@@ -25,7 +25,11 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+import psycopg
+from psycopg import sql
 
 from .backfill.reader import Progress, SnapshotReport, backfill_table
 from .backfill.refetch import refetch_pending
@@ -38,7 +42,7 @@ from .delivery.sweep import sweep
 from .errors import SpecError, SyncError
 from .faults import NO_FAULTS, Faults
 from .reconcile.drift import TableDrift
-from .reconcile.run import CatchUp, ReconcileReport, reconcile_pipeline
+from .reconcile.run import CatchUp, ReconcileReport, Window, reconcile_pipeline
 from .spec import PipelineSpec, PostgresTargetSpec, SyncSpec
 from .staging.held import HeldStore
 from .staging.snapshots import SnapshotInfo, SnapshotStore
@@ -162,28 +166,6 @@ def sweep_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS
     return reports
 
 
-@dataclass(frozen=True)
-class TargetHealth:
-    target: str
-    held: int
-    dead_letters: int
-    latest_dead_letters: list[dict[str, object]]
-    latest_held: list[dict[str, object]]
-
-
-def target_health(spec: SyncSpec, name: str) -> list[TargetHealth]:
-    """Retry-queue and dead-letter depth (and latest rows) of each target."""
-    pipeline = spec.pipelines[name]
-    out = []
-    with open_state(spec) as state:
-        for target in pipeline.targets:
-            store = HeldStore(state, name, target)
-            n_held, n_dead = store.counts()
-            out.append(TargetHealth(target, n_held, n_dead, store.latest_dead_letters(),
-                                    store.latest_held()))
-    return out
-
-
 def resolve_dead_letters(spec: SyncSpec, name: str, target: str, *, action: str,
                          ids: list[int] | None = None, key_like: str | None = None,
                          reason: str = "") -> int:
@@ -231,7 +213,7 @@ class BackfillPlan:
 def backfill_plan(spec: SyncSpec, name: str) -> BackfillPlan:
     """Tables never backfilled, and backfills a dead worker left unfinished; nothing before the
     first pull has created the slot (watermarks written earlier would be lost). A worker holds
-    a lock while it runs (see :func:`.snapshots.worker_lock`), so "running" means alive."""
+    a lock while it runs (see :func:`.staging.snapshots.worker_lock`), so "running" means alive."""
     pipeline = spec.pipelines[name]
     with open_state(spec) as state:
         state.ensure_pipeline(name, pipeline.slot)
@@ -279,18 +261,53 @@ def _backfill_lock(name: str) -> str:
     return f"backfill-run:{name}"
 
 
+def first_day(spec: SyncSpec, name: str) -> date | None:
+    """The day (in the reconciliation time zone) the pipeline was first seen in the state DB;
+    None when it was not yet, or the state DB cannot be reached."""
+    pipeline = spec.pipelines[name]
+    try:
+        dsn = spec.state.resolve("state database")
+        with psycopg.connect(dsn, connect_timeout=5, autocommit=True) as conn:
+            row = conn.execute(sql.SQL("SELECT created_at FROM {}.pipeline WHERE pipeline = %s")
+                               .format(sql.Identifier(spec.state.schema_name)),
+                               (name,)).fetchone()
+    except (psycopg.Error, SyncError):
+        return None
+    if row is None or row[0] is None:
+        return None
+    return row[0].astimezone(ZoneInfo(pipeline.reconcile.timezone)).date()
+
+
+def day_window(pipeline: PipelineSpec, day: date) -> Window:
+    """``[start, end)`` of ``day`` in the pipeline's reconciliation time zone."""
+    zone = ZoneInfo(pipeline.reconcile.timezone)
+    start = datetime.combine(day, time(0), tzinfo=zone)
+    return start, datetime.combine(day + timedelta(days=1), time(0), tzinfo=zone)
+
+
 def reconcile(spec: SyncSpec, name: str, *, tables: Sequence[str] | None = None,
               targets: Sequence[str] | None = None, repair: bool = False,
+              day: date | None = None, full: bool = False, drive: bool = False,
               catch_up: CatchUp | None = None,
               on_table: Callable[[TableDrift], None] | None = None) -> ReconcileReport:
-    """Compare the pipeline's tables with its targets, confirm drift, optionally repair it."""
+    """Compare the pipeline's tables with its targets, confirm drift, optionally repair it.
+
+    With ``day`` (and not ``full``), tables with a change-time column (``reconcile.changed_at``)
+    compare only the keys changed that day; the others, and every table with ``full``, compare
+    their current state. With ``drive`` the wait before confirming pulls and delivers the
+    target itself instead of waiting for the sensor and the delivery runs (the engine's locks
+    keep that correct beside them)."""
     pipeline = spec.pipelines[name]
     for t in targets or ():
-        if t not in pipeline.targets:
-            raise SpecError(f"pipeline {name!r} has no target {t!r} "
-                            f"(targets: {', '.join(pipeline.targets)})")
+        _target(pipeline, t)
+    if drive and catch_up is None:
+        def catch_up(target: str) -> None:
+            pull_pipeline(spec, name)
+            deliver_target(spec, name, target)
+    window = day_window(pipeline, day) if day is not None and not full else None
     with open_state(spec) as state:
         return reconcile_pipeline(
             spec, name, state=state, tables=_tables(pipeline, tables), targets=targets,
             repair=repair, confirm_timeout_s=pipeline.reconcile.confirm_timeout_seconds,
-            catch_up=catch_up, range_rows=pipeline.reconcile.range_rows, on_table=on_table)
+            catch_up=catch_up, range_rows=pipeline.reconcile.range_rows, window=window,
+            on_table=on_table)

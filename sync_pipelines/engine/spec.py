@@ -327,6 +327,42 @@ class PolicySpec(_Model):
     """Asset check: ERROR above this many unresolved dead letters per target."""
     snapshot_chunk: int = Field(default=5_000, ge=1, le=100_000)
     """Rows read per chunk by backfill and repair (each chunk sits between two watermarks)."""
+    backlog_warn: int = Field(default=50_000, ge=0)
+    """Asset check ``backlog``: WARN above this many staged changes a target has not applied."""
+    backlog_error: int = Field(default=90_000, ge=0)
+    """Asset check ``backlog``: ERROR above this many (pulls pause at ``demand_budget``)."""
+    backlog_warn_seconds: float = Field(default=300.0, ge=0)
+    """Asset check ``backlog``: WARN when the oldest change a target lacks is older."""
+    backlog_error_seconds: float = Field(default=3_600.0, ge=0)
+    """Asset check ``backlog``: ERROR when the oldest change a target lacks is older."""
+    slot_lag_warn_mb: float = Field(default=1_024.0, ge=0)
+    """Asset check ``slot_lag``: WARN above this much WAL the slot keeps the source from
+    recycling (MB)."""
+    slot_lag_error_mb: float = Field(default=5_120.0, ge=0)
+    """Asset check ``slot_lag``: ERROR above this much retained WAL (MB)."""
+    slot_lag_warn_seconds: float = Field(default=300.0, ge=0)
+    """Asset check ``slot_lag``: WARN when the slot's last confirmed heartbeat is older."""
+    slot_lag_error_seconds: float = Field(default=900.0, ge=0)
+    """Asset check ``slot_lag``: ERROR when the slot's last confirmed heartbeat is older."""
+    heartbeat_seconds: float = Field(default=15.0, gt=0)
+    """A pull writes a heartbeat into the source's WAL when the last is older than this, so
+    an idle (or filtered-out) source still moves the slot and its lag in seconds is real."""
+
+    @model_validator(mode="after")
+    def _thresholds_in_order(self) -> PolicySpec:
+        _warn_below_error(self, "retry_warn", "retry_error")
+        _warn_below_error(self, "dead_letter_warn", "dead_letter_error")
+        _warn_below_error(self, "backlog_warn", "backlog_error")
+        _warn_below_error(self, "backlog_warn_seconds", "backlog_error_seconds")
+        _warn_below_error(self, "slot_lag_warn_mb", "slot_lag_error_mb")
+        _warn_below_error(self, "slot_lag_warn_seconds", "slot_lag_error_seconds")
+        return self
+
+
+def _warn_below_error(model: Any, warn: str, error: str) -> None:
+    if getattr(model, error) < getattr(model, warn):
+        raise ValueError(f"{error} ({getattr(model, error)}) is below {warn} "
+                         f"({getattr(model, warn)}): an ERROR must not come before the WARN")
 
 
 class ReconcileSpec(_Model):
@@ -336,8 +372,16 @@ class ReconcileSpec(_Model):
     """IANA time zone the days are cut in, e.g. ``Europe/Paris``."""
     at: str = "00:30"
     """Local time (``HH:MM``) after the end of each day when the day's run starts."""
-    start_date: str = "2026-01-01"
-    """First day of the daily partitions (``YYYY-MM-DD``)."""
+    start_date: str | None = None
+    """First day of the daily partitions (``YYYY-MM-DD``); default: the day the pipeline
+    was first seen in the state database (today for a new one)."""
+    changed_at: str | dict[str, str] | None = None
+    """A change-time column (``timestamptz``/``timestamp``) the application sets on every
+    write: one name for every table, or ``{table: column}``. A day's partition then compares
+    the rows changed that day; without one a run compares the current state (``as_of``)."""
+    full_on: Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday",
+                     "sunday", "never"] = "sunday"
+    """The weekday whose scheduled run compares every row, not only that day's changes."""
     repair: bool = False
     """Scheduled runs send confirmed drift through the stream (the launchpad can override)."""
     drift_warn: int = Field(default=0, ge=0)
@@ -373,14 +417,34 @@ class ReconcileSpec(_Model):
 
     @field_validator("start_date")
     @classmethod
-    def _iso_date(cls, v: str) -> str:
+    def _iso_date(cls, v: str | None) -> str | None:
         from datetime import date
 
+        if v is None:
+            return v
         try:
             date.fromisoformat(v)
         except ValueError:
             raise ValueError(f"{v!r} must be a date like '2026-01-01'") from None
         return v
+
+    @field_validator("changed_at", mode="before")
+    @classmethod
+    def _qualify_changed_at(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {qualify(str(k)): c for k, c in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _drift_in_order(self) -> ReconcileSpec:
+        _warn_below_error(self, "drift_warn", "drift_error")
+        return self
+
+    def changed_at_of(self, table: str) -> str | None:
+        """The change-time column of ``table``, if the spec names one."""
+        if isinstance(self.changed_at, dict):
+            return self.changed_at.get(table)
+        return self.changed_at
 
 
 class PipelineSpec(_Model):
@@ -444,6 +508,15 @@ class PipelineSpec(_Model):
                 if unknown:
                     raise ValueError(f"target {name!r} lists table(s) {', '.join(unknown)} "
                                      "that are not under the pipeline's `tables:`")
+        return self
+
+    @model_validator(mode="after")
+    def _changed_at_tables_are_pipeline_tables(self) -> PipelineSpec:
+        if isinstance(self.reconcile.changed_at, dict):
+            unknown = sorted(set(self.reconcile.changed_at) - set(self.tables))
+            if unknown:
+                raise ValueError(f"reconcile.changed_at names table(s) {', '.join(unknown)} "
+                                 "that are not under the pipeline's `tables:`")
         return self
 
     @model_validator(mode="after")

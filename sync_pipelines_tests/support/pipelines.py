@@ -24,6 +24,7 @@ def make_spec(
     name: str = "crm",
     policy: dict[str, Any] | None = None,
     target: dict[str, Any] | None = None,
+    reconcile: dict[str, Any] | None = None,
 ) -> SyncSpec:
     """A one-pipeline spec whose DSN environment variables point at the given databases."""
     monkeypatch.setenv("T_SOURCE_DSN", source_dsn)
@@ -36,6 +37,7 @@ def make_spec(
             "tables": tables,
             "targets": {"replica": {"dsn_env": "T_TARGET_DSN", **(target or {})}},
             "policy": policy or {},
+            "reconcile": reconcile or {},
         }},
     })
 

@@ -2,7 +2,7 @@
 
 Contract: :func:`backfill_table` reads a whole table, :func:`repair_keys` the current source
 rows of given keys (a key the source no longer has becomes a delete), chunk by chunk. Each chunk
-goes between a low and a high watermark (see :mod:`.snapshots` for why no snapshot row can
+goes between a low and a high watermark (see :mod:`..staging.snapshots` for why no snapshot row can
 overwrite a newer live change); the pipeline's puller places it in the stream and from there it
 is delivered like any change — mapping, per-key order, idempotent sinks, retries, dead letters.
 Neither function writes to a target or to the mailbox itself: they only read the source, emit

@@ -12,7 +12,7 @@ position of the change that asked for it.
 
 The puller takes pending requests at the start of each pull (:func:`refetch_pending`) and
 re-reads those rows through the same watermarked snapshot path as backfill and repair
-(:func:`.backfill.repair_keys`, kind ``refetch``). The re-read rows are placed in the stream at
+(:func:`.reader.repair_keys`, kind ``refetch``). The re-read rows are placed in the stream at
 the chunk's high watermark, after the change that asked for them, and reach every target as
 ordinary full changes, in per-key order. A key the source no longer has becomes a delete. A key
 changed again between the watermarks is left to that change (which asks again if it is partial

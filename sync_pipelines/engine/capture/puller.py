@@ -40,6 +40,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from ..errors import SlotConflictError
 from ..faults import NO_FAULTS, Faults
@@ -49,7 +50,7 @@ from ..staging.snapshots import SnapshotStore, key_positions, parse_watermark
 from ..staging.store import BatchInfo, Position, StagedChange, StateStore
 from ..wire import pgoutput as po
 from ..wire.pgoutput import format_lsn
-from .source import Source, with_primary_key
+from .source import HEARTBEAT_PREFIX, Source, with_primary_key
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,8 @@ class _Puller:
     txn_start: int = 0  # index in `buffer` where the current transaction's changes start
     giant: bool = False
     stopped: bool = False
+    heartbeat_in_txn: bool = False
+    heartbeat_at: datetime | None = None  # commit time of the newest heartbeat taken whole
 
     def feed_row(self, data: bytes) -> None:
         kind = data[:1]
@@ -127,6 +130,9 @@ class _Puller:
         elif isinstance(msg, po.Commit):
             self.transactions += 1
             self.last_commit_end = msg.end_lsn
+            if self.heartbeat_in_txn and self.begin is not None:
+                self.heartbeat_at = self.begin.commit_ts
+                self.heartbeat_in_txn = False
             self.begin = None
             self.giant = False
             if len(self.buffer) >= self.pipeline.policy.batch_size:
@@ -141,7 +147,10 @@ class _Puller:
             for rid in msg.relation_ids:
                 self._take(rid, "T", b"")
         elif isinstance(msg, po.LogicalMessage) and msg.transactional:
-            self._watermark(msg)
+            if msg.prefix == HEARTBEAT_PREFIX:
+                self.heartbeat_in_txn = msg.content == self.pipeline.name.encode()
+            else:
+                self._watermark(msg)
         # Origin, Type and other logical messages carry nothing to stage.
 
     def _take(self, relation_oid: int, op: str, data: bytes) -> None:
@@ -233,7 +242,9 @@ def pull(
         return PullReport(pipeline.name, 0, 0, skipped="another pull of this pipeline is running")
     try:
         st = state.ensure_pipeline(pipeline.name, pipeline.slot)
-        slot = source.prepare()
+        # A pipeline that has read its slot before expects it: a dropped or lost slot stops
+        # here with the recovery named, instead of a new slot silently starting from now.
+        slot = source.prepare(expect_slot=st.advanced_lsn is not None)
         if slot.created or st.advanced_lsn is None:
             state.record_advance(pipeline.name, slot.confirmed_flush_lsn)
         elif slot.confirmed_flush_lsn > st.advanced_lsn:
@@ -243,6 +254,11 @@ def pull(
                 f"{format_lsn(st.advanced_lsn)}); changes in between were consumed elsewhere. "
                 "Stop the other consumer, then drop the slot and re-run the initial sync."
             )
+        now = datetime.now(timezone.utc)
+        last = st.heartbeat_written_at
+        if (last is None or (now - last).total_seconds() >= pipeline.policy.heartbeat_seconds) \
+                and source.emit_heartbeat():
+            state.record_heartbeat(pipeline.name, written=now)
         undelivered = state.undelivered_changes(pipeline.name)
         demand = pipeline.policy.demand_budget - undelivered
         if demand <= 0:
@@ -283,6 +299,8 @@ def pull(
             state.record_advance(pipeline.name, target)
             advanced = source.advance(target)
             state.record_advance(pipeline.name, advanced)
+        if puller.heartbeat_at is not None:  # its transaction was taken whole: the slot is past
+            state.record_heartbeat(pipeline.name, passed=puller.heartbeat_at)
         faults.hit("after_advance")
         return PullReport(
             pipeline.name, demand, undelivered, tuple(puller.batches), puller.taken,

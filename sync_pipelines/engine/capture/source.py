@@ -23,10 +23,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ..errors import SlotConflictError, SourceConfigError, SourceUnavailableError
+from ..errors import SlotConflictError, SlotLostError, SourceConfigError, SourceUnavailableError
 from ..spec import PipelineSpec
 from ..wire.pgoutput import Column, Relation, format_lsn, parse_lsn
 from ..wire.pgtypes import TEXT_FORMAT_SETTINGS
+
+HEARTBEAT_PREFIX = "sync_pipelines.heartbeat"
+"""Prefix of the heartbeat messages a pull writes into the source's WAL."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,16 @@ class SlotInfo:
     restart_lsn: int
     active_pid: int | None
     lag_bytes: int
+    """WAL the slot keeps the server from recycling (current LSN − restart LSN)."""
     created: bool = False
+    wal_status: str | None = None
+    """``reserved``/``extended``/``unreserved``: fine; ``lost``: WAL the slot needed is gone."""
+    safe_wal_size: int | None = None
+    """Bytes of WAL that can still be written before the slot would be lost (None: no limit)."""
+    confirmed_lag_bytes: int = 0
+    """WAL written since the slot's confirmed position."""
+    max_wal_keep_bytes: int | None = None
+    """The server's ``max_slot_wal_keep_size`` in bytes (None: unlimited)."""
 
 
 def _first_line(err: BaseException) -> str:
@@ -78,8 +90,11 @@ class Source:
 
     # -- checks and setup --------------------------------------------------------------------
 
-    def prepare(self) -> SlotInfo:
-        """Check the server and tables; create publication and slot if missing."""
+    def prepare(self, *, expect_slot: bool = False) -> SlotInfo:
+        """Check the server and tables; create publication and slot if missing.
+
+        With ``expect_slot`` (the pipeline has consumed from its slot before) a missing or lost
+        slot is a :class:`SlotLostError`: creating a new one would silently start from now."""
         version = int(self._one("SHOW server_version_num"))
         if version < 140000:
             raise SourceConfigError(f"{self._where}: PostgreSQL {version} is too old; need ≥ 14")
@@ -91,7 +106,43 @@ class Source:
             )
         self._check_tables()
         self._ensure_publication()
+        if expect_slot:
+            info = self.slot_info()
+            if info is None:
+                raise SlotLostError(
+                    f"{self._where}: slot {self.pipeline.slot!r} does not exist any more (was "
+                    "it dropped?). Changes since the pipeline last read it may be gone; a new "
+                    f"slot would silently start from now. {self.recovery}")
+            if info.wal_status == "lost":
+                raise SlotLostError(
+                    f"{self._where}: slot {self.pipeline.slot!r} has lost WAL it still needed "
+                    f"(wal_status 'lost': it kept more than max_slot_wal_keep_size), so "
+                    "changes after its position are gone from the source. Nothing was moved. "
+                    f"{self.recovery}")
+            return info
         return self._ensure_slot()
+
+    @property
+    def recovery(self) -> str:
+        p = self.pipeline.name
+        return (f"Recover: recreate the slot, backfill every table, then reconcile with repair "
+                f"(the {p}_recover_job does all three).")
+
+    def emit_heartbeat(self) -> bool:
+        """Write a heartbeat (a transactional logical message) into the source's WAL; False if
+        the user may not (the slot's lag in seconds then stays unknown)."""
+        try:
+            self.conn.execute("SELECT pg_logical_emit_message(true, %s, %s)",
+                              (HEARTBEAT_PREFIX, self.pipeline.name))
+        except psycopg.errors.InsufficientPrivilege:
+            return False
+        return True
+
+    def drop_slot(self) -> None:
+        """Drop the pipeline's slot if it exists (a lost slot, before recovery)."""
+        self.conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                          "WHERE slot_name = %s AND database = current_database()",
+                          (self.pipeline.slot,))
 
     def _check_tables(self) -> None:
         names = list(self.pipeline.tables)
@@ -159,14 +210,20 @@ class Source:
         row = self.conn.execute(
             """
             SELECT plugin, database, active_pid, confirmed_flush_lsn::text, restart_lsn::text,
-                   pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
+                   pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, wal_status,
+                   safe_wal_size,
+                   pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,
+                   (SELECT CASE WHEN setting::bigint < 0 THEN NULL
+                                ELSE setting::bigint * 1024 * 1024 END
+                    FROM pg_settings WHERE name = 'max_slot_wal_keep_size')
             FROM pg_replication_slots WHERE slot_name = %s
             """,
             (self.pipeline.slot,),
         ).fetchone()
         if row is None:
             return None
-        plugin, database, active_pid, confirmed, restart, lag = row
+        (plugin, database, active_pid, confirmed, restart, lag, wal_status, safe, behind,
+         keep) = row
         slot = self.pipeline.slot
         if plugin != "pgoutput":
             raise SlotConflictError(
@@ -179,7 +236,11 @@ class Source:
                 f"{self._where}: slot {slot!r} belongs to database {database!r}, not "
                 f"{current_db!r}; choose another `slot:` name"
             )
-        return SlotInfo(slot, parse_lsn(confirmed), parse_lsn(restart), active_pid, int(lag or 0))
+        return SlotInfo(slot, parse_lsn(confirmed) if confirmed else 0,
+                        parse_lsn(restart) if restart else 0, active_pid, int(lag or 0),
+                        wal_status=wal_status, safe_wal_size=None if safe is None else int(safe),
+                        confirmed_lag_bytes=int(behind or 0),
+                        max_wal_keep_bytes=None if keep is None else int(keep))
 
     def _ensure_slot(self) -> SlotInfo:
         info = self.slot_info()
@@ -200,8 +261,7 @@ class Source:
             ) from None
         info = self.slot_info()
         assert info is not None
-        return SlotInfo(info.name, info.confirmed_flush_lsn, info.restart_lsn, info.active_pid,
-                        info.lag_bytes, created=True)
+        return dataclasses.replace(info, created=True)
 
     # -- pulling -----------------------------------------------------------------------------
 
@@ -229,6 +289,8 @@ class Source:
             ) from None
         except psycopg.errors.UndefinedObject as err:
             raise SourceConfigError(f"{self._where}: {_first_line(err)}") from None
+        except psycopg.errors.ObjectNotInPrerequisiteState as err:  # invalidated meanwhile
+            raise SlotLostError(f"{self._where}: {_first_line(err)}. {self.recovery}") from None
 
     def primary_key(self, relation_oid: int) -> frozenset[str]:
         """The table's primary key columns (cached; may run while a peek is open)."""

@@ -52,8 +52,8 @@ def _heads(outcomes: Sequence[Outcome]) -> dict[str, int]:
     """Index of the first outcome that did not complete, per key (its chain starts there)."""
     heads: dict[str, int] = {}
     for i, o in enumerate(outcomes):
-        if o.status != "delivered" and o.item.change.key not in heads:
-            heads[o.item.change.key] = i
+        if o.status != "delivered" and o.item.key not in heads:
+            heads[o.item.key] = i
     return heads
 
 
@@ -63,7 +63,7 @@ def _failure_of(o: Outcome) -> Failure:
 
 
 def _refetches(target: str, outcomes: Iterable[Outcome]) -> list[Request]:
-    return [Request(target, o.item.change.position, o.item.table.source_table, tuple(key),
+    return [Request(target, o.item.position, o.item.table.source_table, tuple(key),
                     _REASON.format(t=target))
             for o in outcomes if o.status == "delivered" for key in o.refetch]
 
@@ -83,7 +83,7 @@ def record_window(state: StateStore, pipeline: PipelineSpec, target: str,
             tally.held += len(parked)
         staying: list[Outcome] = []
         for key, h in heads.items():
-            chain = [o for o in outcomes[h:] if o.item.change.key == key]
+            chain = [o for o in outcomes[h:] if o.item.key == key]
             staying.extend(chain)
             failure = _failure_of(chain[0])
             changes = [o.item.change for o in chain]
@@ -95,7 +95,7 @@ def record_window(state: StateStore, pipeline: PipelineSpec, target: str,
             else:
                 held.kill(changes, failure, attempts=1)
                 tally.dead += len(changes)
-        held.record_delivered((o.item.change.position, sub, status)
+        held.record_delivered((o.item.position, sub, status)
                               for o in staying for sub, status in o.accepted)
         tally.refetch = RefetchStore(state, pipeline.name).request(
             _refetches(target, outcomes))
@@ -120,9 +120,9 @@ def record_sweep(state: StateStore, pipeline: PipelineSpec, target: str,
             tally.dead += len(chain)
         staying: list[Outcome] = []
         for key, h in _heads(outcomes).items():
-            chain = [o for o in outcomes[h:] if o.item.change.key == key]
+            chain = [o for o in outcomes[h:] if o.item.key == key]
             staying.extend(chain)
-            head = chain[0].item.change
+            head = chain[0].item.change  # as held: its key and attempts so far
             failure = _failure_of(chain[0])
             attempts = head.attempts + 1
             if failure.transient and attempts < policy.max_attempts:
@@ -135,7 +135,7 @@ def record_sweep(state: StateStore, pipeline: PipelineSpec, target: str,
                                       f"gave up after {attempts} attempts: {failure.error}")
                 held.kill([o.item.change for o in chain], failure, attempts)
                 tally.dead += len(chain)
-        held.record_delivered((o.item.change.position, sub, status)
+        held.record_delivered((o.item.position, sub, status)
                               for o in staying for sub, status in o.accepted)
         tally.refetch = RefetchStore(state, pipeline.name).request(
             _refetches(target, outcomes))

@@ -24,7 +24,7 @@ from ..spec import PipelineSpec
 from ..staging.held import HeldChange, HeldStore
 from ..staging.store import StateStore
 from ..wire.change import decode_change
-from .loop import Items, target_lock, wait_for_lock
+from .loop import Items, collector_paused, target_lock, wait_for_lock
 from .outcomes import Tally, record_sweep, release
 from .report import SweepReport
 from .sinks.base import Item, Outcome, Sink
@@ -52,20 +52,21 @@ def sweep(
             for hc in held.chain(key):
                 ch = decode_change(hc.position.commit_lsn, hc.position.seq, 0, hc.relation_id,
                                    hc.op, hc.message)
-                it = builder.item(ch, hc)
+                it = builder.item(ch, hc.message, hc.attempts)
                 if it is None:
                     gone.append(hc)
                     continue
-                it.change = hc  # the chain's own key and attempts
+                it.held_key = hc.key  # the chain's own key, as it was held
                 it.done_subs = frozenset(
                     sub for _, _, sub in held.delivered_subs(hc.position, hc.position))
                 items.append(it)
         recorder = _Recorder(state, pipeline, target, gone, now, faults)
         if items:
-            sink.apply(items, checkpoint=None, record=recorder)
+            with collector_paused():
+                sink.apply(items, checkpoint=None, record=recorder)
         else:
             recorder([])
-        delivered = [o.item.change.position for o in recorder.outcomes
+        delivered = [o.item.position for o in recorder.outcomes
                      if o.status == "delivered"]
         release(state, pipeline.name, target, delivered)
         return SweepReport(pipeline.name, target, len(keys), len(delivered),

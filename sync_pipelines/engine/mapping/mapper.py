@@ -1,8 +1,8 @@
 """Field mapping: a staged change of a source relation → operations on a target table.
 
-Contract: :class:`Mapper.map` turns one :class:`~.state.StoredChange` into zero or more
+Contract: :class:`Mapper.map` turns one :class:`~..wire.change.StoredChange` into zero or more
 :class:`Upsert` / :class:`Delete` / :class:`Truncate` operations, following the pipeline's
-:class:`~.spec.TableMapping` (renames, include/exclude, casts, derived fields, row filter).
+:class:`~..spec.TableMapping` (renames, include/exclude, casts, derived fields, row filter).
 It is pure: no I/O besides reading relation versions through the callable it is given.
 
 Semantics a user can rely on:

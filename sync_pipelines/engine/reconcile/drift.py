@@ -56,6 +56,8 @@ class TableDrift:
     """Keys that differed but have changes on their way (staged, in retry, dead-lettered, or
     changed while compared): not drift. Filled by the confirmation pass."""
     duration_s: float = 0.0
+    waited_s: float = 0.0
+    """Time spent waiting for delivery to catch up before the confirmation pass."""
     note: str | None = None
 
     def count(self, kind: DriftKind) -> int:

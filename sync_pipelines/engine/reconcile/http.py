@@ -1,8 +1,8 @@
 """Reconcile one source table against an HTTP/REST target through the API's paged list endpoint.
 
 Contract: :func:`compare_http` reads every record the API lists for the table
-(:attr:`~.spec.HttpTableSpec.list`, paging convention documented there) and every source row,
-maps each source row as delivery would (:class:`~.mapping.TableMapper`: row filter, renames,
+(:attr:`~..spec.HttpTableSpec.list`, paging convention documented there) and every source row,
+maps each source row as delivery would (:class:`~..mapping.mapper.TableMapper`: row filter, renames,
 casts, derived fields) and returns a :class:`~.drift.TableDrift` (``method="http-list"``) with
 one :class:`~.drift.KeyDrift` per key that is missing from the API, extra in the API, or
 different. A table whose target gives no ``list:`` endpoint is not compared and comes back
@@ -24,16 +24,16 @@ outlives the call. Nothing else is written: the source connection stays otherwis
 
 **Matching.** An API record's key is the value of its fields named like the ``upsert`` path's
 placeholders (``PUT /contacts/{id}`` → ``"id"``), which must be exactly the mapping's key
-fields (:attr:`~.mapping.TableMapper.key_names`); a JSON number ``13`` and the string ``"13"``
-are the same key. It is matched against the source key columns' PostgreSQL text form (their
+fields (:attr:`~..mapping.mapper.TableMapper.key_names`); a JSON number ``13`` and the string
+``"13"`` are the same key. It is matched against the source key columns' PostgreSQL text form (their
 type's output function under :data:`~.source.TEXT_FORMAT_SETTINGS`, as pgoutput sends them). A
 source row that fails the row filter counts as absent. Keys in the result are tuples of text
 values in source key order; for an ``extra`` key they are the record's key fields.
 
 **Comparing.** The mapped source row is encoded as delivery encodes it
-(:func:`~.sinks.http.encode_body`) and each of its fields *present in the record* is compared
-with the record's value as a string: a JSON string as it is, any other JSON value as compact
-JSON (so ``5`` equals ``"5"``, ``true`` equals ``"true"``); ``null`` equals only ``null``. A
+(:func:`~..delivery.sinks.http_client.encode_body`) and each of its fields *present in the record*
+is compared with the record's value as a string: a JSON string as it is, any other JSON value as
+compact JSON (so ``5`` equals ``"5"``, ``true`` equals ``"true"``); ``null`` equals only ``null``. A
 field the record leaves out is not compared (an API may omit nulls or write-only fields), and
 fields only the record has (``created_at``, ...) are ignored. ``fields`` names the differing
 target fields.

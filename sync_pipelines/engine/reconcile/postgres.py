@@ -7,7 +7,7 @@ sides and classifies them by the same rules (``None``: equal now). Values are co
 PostgreSQL text form (``::text`` on both servers, pinned by ``TEXT_FORMAT_SETTINGS``). Each side
 is read in one ``REPEATABLE READ READ ONLY`` transaction: a consistent view per side, no writes,
 so a crash leaves nothing behind. The two views are not taken at the same instant: the
-confirmation pass (:mod:`.reconciliation`) tells drift from rows that moved meanwhile.
+confirmation pass (:mod:`.run`) tells drift from rows that moved meanwhile.
 
 How (both methods cut the key space into ranges of ``range_rows`` source keys; the boundaries
 are source keys, range ``i`` holds the keys ``k`` with ``bound[i-1] <= k < bound[i]``, the first
@@ -19,8 +19,8 @@ found as extra):
   and per hash sub-bucket of the keys (~``SUB_ROWS`` keys each, so scattered drift fetches few
   rows). Only the rows of the (range, sub-bucket) groups that differ are fetched and diffed.
 * ``row-by-row`` (casts, derived fields or a row filter): both tables are streamed whole, the
-  source rows mapped with the pipeline's own :class:`~.mapping.TableMapper`; cast and derived
-  values are cast to the target column's type by the target server, so they compare as the
+  source rows mapped with the pipeline's own :class:`~..mapping.mapper.TableMapper`; cast and
+  derived values are cast to the target column's type by the target server, so they compare as the
   target shows them.
 
 Ordering is never decided in Python: every row's range number is computed by each server from
@@ -29,12 +29,12 @@ servers agree even if their collations differ. Python only compares range number
 keys by equality (pandas merges) inside a window of complete ranges.
 
 Memory: never a whole table. Rows come through server-side cursors, ``fetch_rows`` at a
-time, two chunks ahead per side (:func:`.reconcile_sql.prefetch`); the diff holds one window of
+time, two chunks ahead per side (:func:`.sql.prefetch`); the diff holds one window of
 complete source groups (``fetch_rows`` rows plus at most one range, or one sub-bucket) and one
 target chunk; plus the boundaries (one key per ``range_rows`` rows) and the drift kept (at most
 ``max_drift``; beyond it ``truncated`` is set, rows are still counted, but range-hash no longer
 fetches differing groups, so ``compared_keys`` becomes a lower bound). ``source_rows`` counts
-the source rows the target should hold (after the row filter). SQL: :mod:`.reconcile_sql`.
+the source rows the target should hold (after the row filter). SQL: :mod:`.sql`.
 """
 
 from __future__ import annotations

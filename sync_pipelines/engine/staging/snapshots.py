@@ -3,13 +3,14 @@ placed among live changes so a snapshot row never overwrites a newer live change
 
 The technique is DBLog's watermarks, with the stream itself as the place where the two meet:
 
-1. the snapshot worker (:mod:`.backfill`) emits a **low watermark** into the source's WAL
+1. the snapshot worker (:mod:`..backfill`) emits a **low watermark** into the source's WAL
    (``pg_logical_emit_message``, transactional, prefix :data:`PREFIX`), waits until every
    transaction that was still running when it committed has ended, then reads one chunk of rows
    in key order in its own snapshot, stores them in ``snapshot_chunk`` as pgoutput messages (an
    ``'U'`` per row: "the row now reads …", a ``'D'`` for a key the source no longer has), and
    emits a **high watermark**;
-2. the puller (:mod:`.ingest`) meets both marks in commit order. At the high mark it drops from
+2. the puller (:mod:`..capture.puller`) meets both marks in commit order. At the high mark it drops
+from
    the chunk every key that any staged change touched between the two marks (the chunk's read
    may have seen that change or not: the live change is the one to keep), and stages the rest
    at the high mark's position. From there on they are ordinary changes: same mapping, per-key
@@ -118,7 +119,7 @@ _SNAPSHOT_COLS = sql.SQL(
 
 
 class SnapshotStore:
-    """Typed access to the snapshot tables, over a :class:`~.state.StateStore`'s connection."""
+    """Typed access to the snapshot tables, over a :class:`~.store.StateStore`'s connection."""
 
     def __init__(self, state: StateStore) -> None:
         self.state = state

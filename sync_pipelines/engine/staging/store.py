@@ -103,6 +103,10 @@ class PipelineState:
     staged: Position
     advanced_lsn: int | None
     next_batch: int
+    created_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    """Commit time of the newest heartbeat the slot has moved past."""
+    heartbeat_written_at: datetime | None = None
 
 
 def relation_fingerprint(rel: Relation) -> str:
@@ -206,13 +210,30 @@ class StateStore:
 
     def pipeline_state(self, pipeline: str) -> PipelineState:
         row = self.conn.execute(
-            self._q("SELECT staged_lsn, staged_seq, advanced_lsn, next_batch "
-                    "FROM {schema}.pipeline WHERE pipeline = %s"),
+            self._q("SELECT staged_lsn, staged_seq, advanced_lsn, next_batch, created_at, "
+                    "heartbeat_at, heartbeat_written_at FROM {schema}.pipeline "
+                    "WHERE pipeline = %s"),
             (pipeline,),
         ).fetchone()
         if row is None:
             raise StateError(f"pipeline {pipeline!r} is not registered in the state database")
-        return PipelineState(Position(row[0], row[1]), row[2], row[3])
+        return PipelineState(Position(row[0], row[1]), row[2], row[3], row[4], row[5], row[6])
+
+    def record_heartbeat(self, pipeline: str, *, written: datetime | None = None,
+                         passed: datetime | None = None) -> None:
+        """A heartbeat was written into the source's WAL (``written``), or the slot moved past
+        one committed at ``passed``."""
+        self.conn.execute(self._q(
+            "UPDATE {schema}.pipeline SET heartbeat_written_at = coalesce(%s, "
+            "heartbeat_written_at), heartbeat_at = greatest(heartbeat_at, %s) "
+            "WHERE pipeline = %s"), (written, passed, pipeline))
+
+    def restart_from(self, pipeline: str, slot_lsn: int) -> None:
+        """A new slot replaces a lost one: the pipeline's position is the new slot's (staged
+        changes stay staged; what the old slot lost comes back by backfill and repair)."""
+        self.conn.execute(self._q(
+            "UPDATE {schema}.pipeline SET advanced_lsn = %s, updated_at = now() "
+            "WHERE pipeline = %s"), (slot_lsn, pipeline))
 
     def record_advance(self, pipeline: str, lsn: int) -> None:
         self.conn.execute(

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from ...mapping.keys import change_key
 from ...mapping.mapper import TableMapper, TargetOp
 from ...staging.held import Failure, HeldChange
 from ...wire.change import Position
@@ -65,18 +66,38 @@ class ApplyStats:
                           self.refetch + other.refetch)
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
-    """One staged change on its way to a target: as it would be held, its mapping, its ops."""
+    """One staged change on its way to a target: where it is, its raw message (kept for the
+    retry queue), its mapping and its ops."""
 
-    change: HeldChange
+    position: Position
+    relation_id: int
+    op: str
+    message: bytes
     table: TableMapper
     ops: list[TargetOp]
+    attempts: int = 0
     done_subs: frozenset[int] = frozenset()
     """Sub-requests of this change the target already accepted (HTTP ledger): not re-sent."""
+    held_key: str | None = None
+    """Its key in the retry queue's text form, worked out when first needed (most changes
+    are delivered without anyone asking)."""
+
+    @property
+    def key(self) -> str:
+        if self.held_key is None:
+            self.held_key = change_key(self.table.target_table, self.ops)
+        return self.held_key
+
+    @property
+    def change(self) -> HeldChange:
+        """The change as the retry queue or the dead letters hold it."""
+        return HeldChange(self.key, self.position, self.relation_id, self.op, self.message,
+                          self.attempts)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
     """What became of one :class:`Item`."""
 

@@ -115,8 +115,8 @@ class HttpSink:
         record(outcomes)
         delivered = [o for o in outcomes if o.status == "delivered"]
         stats = ApplyStats(
-            upserts=sum(1 for o in delivered if o.item.change.op in "IU"),
-            deletes=sum(1 for o in delivered if o.item.change.op == "D"),
+            upserts=sum(1 for o in delivered if o.item.op in "IU"),
+            deletes=sum(1 for o in delivered if o.item.op == "D"),
             refetch=sum(len(o.refetch) for o in delivered))
         return ApplyResult(outcomes, stats)
 

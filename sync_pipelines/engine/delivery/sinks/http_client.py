@@ -243,10 +243,11 @@ def http_change(
     delete: Endpoint,
     op_index: int = 0,
 ) -> HttpChange:
-    """Turn a mapped :class:`~..mapping.Upsert` / :class:`~..mapping.Delete` into a request.
+    """Turn a mapped :class:`~...mapping.mapper.Upsert` / :class:`~...mapping.mapper.Delete` into a
+    request.
 
     The path of an upsert is filled from its row, that of a delete from its key (``key_names``
-    are the target names of the key columns, :attr:`~..mapping.TableMapper.key_names`). A
+    are the target names of the key columns, :attr:`~...mapping.mapper.TableMapper.key_names`). A
     TRUNCATE has no HTTP equivalent: ``ValueError``. Delivery never passes a ``partial``
     upsert (unchanged TOAST values left out): an API cannot merge it into its record, so the
     row is re-read from the source instead (:mod:`...refetch`).

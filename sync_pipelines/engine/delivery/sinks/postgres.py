@@ -21,8 +21,8 @@ is delivered again by a later run.
 A partial upsert (an UPDATE that left large, TOASTed values out as "unchanged") updates only
 the columns it carries, so the target keeps its own copy of the rest; for a key the target does
 not have it writes nothing and reports the key, and the caller asks for the row to be re-read
-from the source (:mod:`....backfill.refetch`) — never a row with NULL where the source has a value. A
-whole row identical to the target's is not rewritten (no new row version, no WAL).
+from the source (:mod:`....backfill.refetch`) — never a row with NULL where the source has a value.
+A whole row identical to the target's is not rewritten (no new row version, no WAL).
 
 Target tables are created from the source relation when missing and gain columns the source
 gains mid-stream (each can be turned off in the spec). Driver errors are mapped explicitly:
@@ -32,7 +32,6 @@ errors are terminal and name the table and constraint.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import re
 from collections.abc import Iterable
@@ -238,7 +237,7 @@ class PostgresSink:
         failed: dict[str, Failure] = {}
         with self._errors("applying changes one by one"), self.conn.transaction():
             for it in items:
-                key = it.change.key
+                key = it.key
                 if key in failed:
                     outcomes.append(Outcome(it, "parked", failed[key]))
                     continue
@@ -439,8 +438,9 @@ def _with_refetch(outcomes: list[Outcome], missing: list[Missing]) -> list[Outco
     extra: dict[int, list[tuple[Any, ...]]] = {}
     for table, key in missing:
         extra.setdefault(last.get((table, key), len(outcomes) - 1), []).append(key)
-    return [dataclasses.replace(o, refetch=o.refetch + tuple(extra[i])) if i in extra else o
-            for i, o in enumerate(outcomes)]
+    for i, keys in extra.items():
+        outcomes[i].refetch = outcomes[i].refetch + tuple(keys)
+    return outcomes
 
 
 def _detail(err: psycopg.Error) -> str:

@@ -1,0 +1,166 @@
+"""Per-pipeline standing-health checks, always showing a finished result.
+
+For a pipeline ``p``:
+
+* asset checks ``slot_lag`` on ``sync/p/source`` (WAL the slot retains, seconds since it last
+  moved past a heartbeat, closeness to ``max_slot_wal_keep_size``, a dropped or lost slot) and
+  ``backlog``, ``retry_queue``, ``dead_letters`` on each ``sync/p/delivered/<t>`` — WARN or
+  ERROR by the spec's thresholds, the latest rows as tables;
+* sensor ``p_health_sensor`` (every 30 s, running by default) evaluates them all and reports
+  the results without a run, so the latest evaluation a person sees is never an "in
+  progress" one — no delivery or sweep run plans them;
+* the same checks are executable: the asset's Checks tab can run any of them on demand
+  (``p_health`` is subsettable), and ``p_health_job`` runs them all.
+
+Bodies are thin: the engine reports (:func:`~sync_pipelines.engine.slot_health`,
+:func:`~sync_pipelines.engine.target_health`), this module applies the thresholds.
+"""
+
+from typing import Any
+
+import dagster as dg
+
+import sync_pipelines.engine as engine
+from sync_pipelines.engine import PipelineSpec, SlotHealth, SyncError, TargetHealth
+
+from .pipelines import delivered_key, source_key
+from .resources import SyncEngine
+
+HEALTH_INTERVAL_S = 30
+TARGET_CHECKS = {
+    "backlog": "Staged changes this target has not applied yet, and the age of the oldest.",
+    "retry_queue": "Changes held for retry (or parked behind one) for this target.",
+    "dead_letters": "Unresolved dead letters for this target.",
+}
+HELD_COLUMNS = ("table", "key", "commit_lsn", "seq", "op", "attempts", "next_attempt_at",
+                "last_status", "last_error", "held_since")
+DEAD_COLUMNS = ("id", "table", "key", "commit_lsn", "seq", "op", "attempts", "last_status",
+                "reason", "dead_at")
+MB = 1024 * 1024
+
+
+def _grade(value: float, warn: float, error: float) -> tuple[bool, dg.AssetCheckSeverity]:
+    """Passed at or below ``warn``; WARN above it; ERROR above ``error``."""
+    if value > error:
+        return False, dg.AssetCheckSeverity.ERROR
+    return value <= warn, dg.AssetCheckSeverity.WARN
+
+
+def _worst(*grades: tuple[bool, dg.AssetCheckSeverity]) -> tuple[bool, dg.AssetCheckSeverity]:
+    if any(not ok and sev == dg.AssetCheckSeverity.ERROR for ok, sev in grades):
+        return False, dg.AssetCheckSeverity.ERROR
+    return all(ok for ok, _ in grades), dg.AssetCheckSeverity.WARN
+
+
+def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> dg.MetadataValue:
+    records = [dg.TableRecord({c: ("" if r.get(c) is None else str(r[c])) for c in columns})
+               for r in rows]
+    schema = dg.TableSchema(columns=[dg.TableColumn(c, "string") for c in columns])
+    return dg.MetadataValue.table(records, schema=schema)
+
+
+Evaluation = tuple[dg.AssetKey, str, bool, dg.AssetCheckSeverity, dict[str, Any]]
+
+
+def slot_evaluation(pipeline: PipelineSpec, s: SlotHealth) -> Evaluation:
+    policy = pipeline.policy
+    metadata: dict[str, Any] = {
+        "slot": s.slot, "wal_status": s.wal_status or "—",
+        "retained_mb": round(s.retained_bytes / MB, 1),
+        "behind_mb": round(s.behind_bytes / MB, 1),
+        "lag_seconds": round(s.lag_seconds, 1) if s.lag_seconds is not None else None,
+        "max_slot_wal_keep_size_mb": (round(s.max_wal_keep_bytes / MB)
+                                      if s.max_wal_keep_bytes is not None else "unlimited"),
+    }
+    metadata = {k: v for k, v in metadata.items() if v is not None}
+    key = source_key(pipeline.name)
+    if s.error:
+        return key, "slot_lag", False, dg.AssetCheckSeverity.ERROR, {
+            **metadata, "problem": dg.MetadataValue.text(f"cannot read the slot: {s.error}")}
+    if s.lost or not s.exists:
+        what = ("was dropped or lost WAL it needed: the pipeline has stopped. Launch "
+                f"{pipeline.name}_recover_job (recreate the slot, backfill, reconcile)"
+                if s.lost else "does not exist yet (the replication sensor creates it)")
+        return key, "slot_lag", not s.lost, (
+            dg.AssetCheckSeverity.ERROR if s.lost else dg.AssetCheckSeverity.WARN), {
+            **metadata, "problem": dg.MetadataValue.text(f"slot {s.slot!r} {what}")}
+    grades = [_grade(s.retained_bytes / MB, policy.slot_lag_warn_mb, policy.slot_lag_error_mb)]
+    if s.lag_seconds is not None:
+        grades.append(_grade(s.lag_seconds, policy.slot_lag_warn_seconds,
+                             policy.slot_lag_error_seconds))
+    if s.near_limit:  # within a fifth of being invalidated by max_slot_wal_keep_size
+        grades.append((False, dg.AssetCheckSeverity.ERROR))
+        metadata["problem"] = dg.MetadataValue.text(
+            "retained WAL is near max_slot_wal_keep_size: the slot will be lost soon")
+    passed, severity = _worst(*grades)
+    return key, "slot_lag", passed, severity, metadata
+
+
+def target_evaluations(pipeline: PipelineSpec, h: TargetHealth) -> list[Evaluation]:
+    policy = pipeline.policy
+    key = delivered_key(pipeline.name, h.target)
+    age = h.backlog_age_s or 0.0
+    backlog = _worst(_grade(h.backlog_changes, policy.backlog_warn, policy.backlog_error),
+                     _grade(age, policy.backlog_warn_seconds, policy.backlog_error_seconds))
+    return [
+        (key, "backlog", *backlog, {
+            "changes": h.backlog_changes, "batches": h.backlog_batches,
+            "oldest_age_s": round(age, 1)}),
+        (key, "retry_queue", *_grade(h.held, policy.retry_warn, policy.retry_error),
+         {"held": h.held, "latest": _table(h.latest_held, HELD_COLUMNS)}),
+        (key, "dead_letters", *_grade(h.dead_letters, policy.dead_letter_warn,
+                                      policy.dead_letter_error),
+         {"dead_letters": h.dead_letters, "latest": _table(h.latest_dead_letters,
+                                                             DEAD_COLUMNS)}),
+    ]
+
+
+def evaluate(sync: SyncEngine, pipeline: PipelineSpec) -> list[Evaluation]:
+    spec = sync.spec()
+    return [slot_evaluation(pipeline, engine.slot_health(spec, pipeline.name)),
+            *(e for h in engine.target_health(spec, pipeline.name)
+              for e in target_evaluations(pipeline, h))]
+
+
+def build_health_defs(pipeline: PipelineSpec) -> dg.Definitions:
+    p = pipeline.name
+    specs = [dg.AssetCheckSpec(
+        "slot_lag", asset=source_key(p),
+        description="WAL the slot keeps the source from recycling, seconds since it last "
+        "moved past a heartbeat, and whether it was lost (then: the recovery job).")]
+    specs += [dg.AssetCheckSpec(name, asset=delivered_key(p, t), description=text)
+              for t in pipeline.targets for name, text in TARGET_CHECKS.items()]
+
+    @dg.multi_asset_check(name=f"{p}_health", specs=specs, can_subset=True,
+                          description=f"Standing health of pipeline {p}.")
+    def health(context: dg.AssetCheckExecutionContext, sync: SyncEngine):
+        wanted = context.selected_asset_check_keys
+        try:
+            evaluations = evaluate(sync, pipeline)
+        except SyncError as err:
+            raise dg.Failure(description=str(err)) from None
+        for key, name, passed, severity, metadata in evaluations:
+            if dg.AssetCheckKey(key, name) in wanted:
+                yield dg.AssetCheckResult(asset_key=key, check_name=name, passed=passed,
+                                          severity=severity, metadata=metadata)
+
+    health_job = dg.define_asset_job(
+        f"{p}_health_job", selection=dg.AssetSelection.checks(*[s.key for s in specs]),
+        executor_def=dg.in_process_executor,
+        description=f"Evaluate every health check of pipeline {p} now.")
+
+    @dg.sensor(name=f"{p}_health_sensor", minimum_interval_seconds=HEALTH_INTERVAL_S,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description=f"Evaluates the health checks of {p} every {HEALTH_INTERVAL_S} s "
+               "and reports them without a run.")
+    def health_sensor(context: dg.SensorEvaluationContext, sync: SyncEngine):
+        try:
+            evaluations = evaluate(sync, pipeline)
+        except SyncError as err:
+            return dg.SkipReason(f"cannot read the pipeline's health: {err}")
+        return dg.SensorResult(asset_events=[
+            dg.AssetCheckEvaluation(asset_key=key, check_name=name, passed=passed,
+                                    severity=severity, metadata=metadata)
+            for key, name, passed, severity, metadata in evaluations])
+
+    return dg.Definitions(asset_checks=[health], jobs=[health_job], sensors=[health_sensor])
