@@ -21,10 +21,9 @@ import dagster as dg
 import sync_pipelines.engine as engine
 from sync_pipelines.engine import PipelineSpec, SyncError
 
-from .pipelines import PIPELINE_TAG
+from .keys import MAINTENANCE_TAG, OPERATOR_TAG, PIPELINE_TAG
 from .resources import SyncEngine
 
-OPERATOR_TAG = "sync/operator"
 SWEEP_CRON = "*/2 * * * *"
 
 
@@ -107,7 +106,7 @@ def build_failure_defs(pipeline: PipelineSpec) -> dg.Definitions:
             "drift_repaired": rec.drift if rec else 0})
 
     @dg.job(name=f"{p}_recover_job", executor_def=dg.in_process_executor,
-            tags={"sync/maintenance": p},
+            tags={MAINTENANCE_TAG: p},
             description=f"Recover pipeline {p} after its slot was dropped or lost WAL: "
             "recreate the slot, backfill every table, reconcile with repair.")
     def recover_job() -> None:

@@ -8,7 +8,10 @@ For a pipeline ``p``:
   ERROR by the spec's thresholds, the latest rows as tables;
 * sensor ``p_health_sensor`` (every 30 s, running by default) evaluates them all and reports
   the results without a run, so the latest evaluation a person sees is never an "in
-  progress" one — no delivery or sweep run plans them;
+  progress" one — no delivery or sweep run plans them. Each evaluation names the asset's
+  latest materialization it describes: Dagster shows a check of a materialized asset as "not
+  evaluated" once the asset has materialized since, and a delivery run materializes its
+  target — so a delivery run also reports its target's checks right after materializing;
 * the same checks are executable: the asset's Checks tab can run any of them on demand
   (``p_health`` is subsettable), and ``p_health_job`` runs them all.
 
@@ -20,10 +23,15 @@ from typing import Any
 
 import dagster as dg
 
+# Not exported by dagster 1.13: what a check evaluation points at (the materialization it checks).
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData as TargetMaterialization,
+)
+
 import sync_pipelines.engine as engine
 from sync_pipelines.engine import PipelineSpec, SlotHealth, SyncError, TargetHealth
 
-from .pipelines import delivered_key, source_key
+from .keys import delivered_key, source_key
 from .resources import SyncEngine
 
 HEALTH_INTERVAL_S = 30
@@ -122,6 +130,45 @@ def evaluate(sync: SyncEngine, pipeline: PipelineSpec) -> list[Evaluation]:
               for e in target_evaluations(pipeline, h))]
 
 
+def _latest_materialization(instance: dg.DagsterInstance, key: dg.AssetKey
+                            ) -> TargetMaterialization | None:
+    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key),
+                                              limit=1).records
+    if not records:
+        return None
+    r = records[0]
+    return TargetMaterialization(storage_id=r.storage_id, run_id=r.run_id,
+                                 timestamp=r.timestamp)
+
+
+def as_events(instance: dg.DagsterInstance, evaluations: list[Evaluation]
+              ) -> list[dg.AssetCheckEvaluation]:
+    """Runless check evaluations, each aimed at its asset's latest materialization: Dagster
+    shows a check of a materialized asset as "not evaluated" once the asset has materialized
+    again since, and delivered assets materialize with every delivery run."""
+    latest: dict[dg.AssetKey, TargetMaterialization | None] = {}
+    out = []
+    for key, name, passed, severity, metadata in evaluations:
+        if key not in latest:
+            latest[key] = _latest_materialization(instance, key)
+        out.append(dg.AssetCheckEvaluation(
+            asset_key=key, check_name=name, passed=passed, severity=severity,
+            metadata=metadata, target_materialization_data=latest[key]))
+    return out
+
+
+def report_target_health(instance: dg.DagsterInstance, sync: SyncEngine,
+                         pipeline: PipelineSpec, target: str) -> None:
+    """Report one target's checks now (a delivery run does, right after it materialized)."""
+    try:
+        health = next(h for h in engine.target_health(sync.spec(), pipeline.name)
+                      if h.target == target)
+    except SyncError:
+        return  # the health sensor reports it at its next tick
+    for event in as_events(instance, target_evaluations(pipeline, health)):
+        instance.report_runless_asset_event(event)
+
+
 def build_health_defs(pipeline: PipelineSpec) -> dg.Definitions:
     p = pipeline.name
     specs = [dg.AssetCheckSpec(
@@ -158,9 +205,6 @@ def build_health_defs(pipeline: PipelineSpec) -> dg.Definitions:
             evaluations = evaluate(sync, pipeline)
         except SyncError as err:
             return dg.SkipReason(f"cannot read the pipeline's health: {err}")
-        return dg.SensorResult(asset_events=[
-            dg.AssetCheckEvaluation(asset_key=key, check_name=name, passed=passed,
-                                    severity=severity, metadata=metadata)
-            for key, name, passed, severity, metadata in evaluations])
+        return dg.SensorResult(asset_events=as_events(context.instance, evaluations))
 
     return dg.Definitions(asset_checks=[health], jobs=[health_job], sensors=[health_sensor])

@@ -25,10 +25,18 @@ import dagster as dg
 import sync_pipelines.engine as engine
 from sync_pipelines.engine import PipelineSpec, SyncError, Transient, format_lsn
 
+from .health import report_target_health
+from .keys import (
+    TARGET_TAG,
+    deliver_job_name,
+    deliver_op_name,
+    delivered_key,
+    source_key,
+    staged_key,
+    target_tag,
+)
 from .resources import SyncEngine
 
-PIPELINE_TAG = "sync/pipeline"
-TARGET_TAG = "sync/target"
 _WAITING = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
             dg.DagsterRunStatus.STARTING]
 _ACTIVE = [*_WAITING, dg.DagsterRunStatus.STARTED]
@@ -43,40 +51,13 @@ class DeliverConfig(dg.Config):
     """Deliver staged batches up to this id (all staged batches if empty)."""
 
 
-def source_key(p: str) -> dg.AssetKey:
-    return dg.AssetKey(["sync", p, "source"])
-
-
-def _keys(p: str) -> tuple[dg.AssetKey, dg.AssetKey]:
-    return source_key(p), dg.AssetKey(["sync", p, "staged"])
-
-
-def delivered_key(p: str, target: str) -> dg.AssetKey:
-    return dg.AssetKey(["sync", p, "delivered", target])
-
-
-def deliver_job_name(p: str, target: str) -> str:
-    return f"{p}_deliver_{target}_job"
-
-
-def deliver_op_name(p: str, target: str) -> str:
-    return "__".join(delivered_key(p, target).path)
-
-
-def target_tag(p: str, target: str) -> dict[str, str]:
-    """The run tag the queue limits to one active delivery per (pipeline, target)."""
-    return {TARGET_TAG: f"{p}/{target}"}
-
-
-def _delivered_asset(pipeline: PipelineSpec, target: str,
-                     staged_key: dg.AssetKey) -> dg.AssetsDefinition:
+def _delivered_asset(pipeline: PipelineSpec, target: str) -> dg.AssetsDefinition:
     p = pipeline.name
     kind = pipeline.targets[target].kind
 
-    @dg.asset(key=delivered_key(p, target), deps=[staged_key], group_name=p, kinds={kind},
+    @dg.asset(key=delivered_key(p, target), deps=[staged_key(p)], group_name=p, kinds={kind},
               description=f"Changes of pipeline {p} applied to target {target} ({kind}).")
-    def delivered(context: dg.AssetExecutionContext, config: DeliverConfig,
-                  sync: SyncEngine) -> dg.MaterializeResult:
+    def delivered(context: dg.AssetExecutionContext, config: DeliverConfig, sync: SyncEngine):
         try:
             r = engine.deliver_target(sync.spec(), p, target, upto_batch=config.upto_batch)
         except SyncError as err:
@@ -85,7 +66,10 @@ def _delivered_asset(pipeline: PipelineSpec, target: str,
                 "error": type(err).__name__, "transient": isinstance(err, Transient)}) from None
         context.log.info(f"{p} → {target}: {r.changes} changes in {len(r.batches)} batch(es) "
                          f"{r.lsn_range} in {r.duration_s:.2f}s")
-        return dg.MaterializeResult(metadata=_delivery_metadata(r))
+        yield dg.MaterializeResult(metadata=_delivery_metadata(r))
+        # The materialization is stored by now: report the target's health against it, so
+        # the asset's checks describe this very materialization (never "not evaluated").
+        report_target_health(context.instance, sync, pipeline, target)
 
     return delivered
 
@@ -110,19 +94,18 @@ def _delivery_metadata(r: Any) -> dict[str, Any]:
 
 def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
     p = pipeline.name
-    source_key, staged_key = _keys(p)
     source = dg.AssetSpec(
-        source_key, group_name=p, kinds={"postgres"},
+        source_key(p), group_name=p, kinds={"postgres"},
         description=f"Source tables of pipeline {p}, captured through publication "
         f"{pipeline.publication} and slot {pipeline.slot}.",
         metadata={"tables": ", ".join(pipeline.tables), "slot": pipeline.slot},
     )
     staged = dg.AssetSpec(
-        staged_key, deps=[source_key], group_name=p,
+        staged_key(p), deps=[source_key(p)], group_name=p,
         description="Changes staged durably in the state DB; materialized per batch by "
         f"{p}_replication_sensor.",
     )
-    assets = [_delivered_asset(pipeline, t, staged_key) for t in pipeline.targets]
+    assets = [_delivered_asset(pipeline, t) for t in pipeline.targets]
     jobs = {
         # Without the target's asset checks: they describe standing health and are evaluated
         # on their own schedule, not planned (and shown "in progress") by every delivery run.
@@ -170,7 +153,7 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
                 run_key=key, job_name=jobs[b.target].name, tags=target_tag(p, b.target),
                 run_config={"ops": {deliver_op_name(p, b.target): {
                     "config": {"upto_batch": None}}}}))
-        events = [dg.AssetMaterialization(staged_key, metadata=_batch_metadata(b, report))
+        events = [dg.AssetMaterialization(staged_key(p), metadata=_batch_metadata(b, report))
                   for b in report.batches]
         if not requests and not events:
             return dg.SkipReason(_skip_reason(report, backlog))

@@ -34,19 +34,10 @@ from sync_pipelines.engine import (
     TableDrift,
 )
 
-from .pipelines import delivered_key
+from .keys import MAINTENANCE_TAG, backfill_key, delivered_key, reconciliation_key
 from .resources import SyncEngine
 
-MAINTENANCE_TAG = "sync/maintenance"
 SAMPLE_ROWS = 50
-
-
-def backfill_key(p: str) -> dg.AssetKey:
-    return dg.AssetKey(["sync", p, "backfill"])
-
-
-def reconciliation_key(p: str) -> dg.AssetKey:
-    return dg.AssetKey(["sync", p, "reconciliation"])
 
 
 class BackfillConfig(dg.Config):
