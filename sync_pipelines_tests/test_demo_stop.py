@@ -90,3 +90,9 @@ def test_stopping_the_demo_leaves_no_process_behind(tmp_path, sig):
     assert "--psql <database>" in text
     assert "will not be used" not in text
     assert "too many retries for DB connection" not in text, text[-3000:]
+    if sig == signal.SIGINT:  # and afterwards a shell on one of its databases still opens
+        shell = subprocess.run(
+            [sys.executable, "-m", "sync_pipelines.cli", "demo", "--home", str(home),
+             "--psql", "crm"], cwd=REPO, input="SELECT count(*) > 0 FROM customers;\n",
+            capture_output=True, text=True, timeout=120)
+        assert shell.returncode == 0 and " t\n" in shell.stdout, shell.stdout + shell.stderr

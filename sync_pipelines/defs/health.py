@@ -96,10 +96,14 @@ def slot_evaluation(pipeline: PipelineSpec, s: SlotHealth) -> Evaluation:
     if s.lag_seconds is not None:
         grades.append(_grade(s.lag_seconds, policy.slot_lag_warn_seconds,
                              policy.slot_lag_error_seconds))
-    if s.near_limit:  # within a fifth of being invalidated by max_slot_wal_keep_size
-        grades.append((False, dg.AssetCheckSeverity.ERROR))
-        metadata["problem"] = dg.MetadataValue.text(
-            "retained WAL is near max_slot_wal_keep_size: the slot will be lost soon")
+    share = s.share_of_limit
+    if share is not None:  # the server invalidates the slot at max_slot_wal_keep_size
+        metadata["share_of_max_slot_wal_keep_size"] = round(share, 3)
+        grades.append(_grade(share, 0.5, 0.8))
+        if share > 0.5:
+            metadata["problem"] = dg.MetadataValue.text(
+                f"the slot retains {share:.0%} of max_slot_wal_keep_size: at 100% the server "
+                "invalidates it and the pipeline must be recovered")
     passed, severity = _worst(*grades)
     return key, "slot_lag", passed, severity, metadata
 

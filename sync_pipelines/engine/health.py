@@ -52,10 +52,12 @@ class SlotHealth:
     """Why the slot could not be read (the source is unreachable, say)."""
 
     @property
-    def near_limit(self) -> bool:
-        """Within a fifth of ``max_slot_wal_keep_size`` of being lost."""
-        return (self.max_wal_keep_bytes is not None and self.max_wal_keep_bytes > 0
-                and self.retained_bytes >= 0.8 * self.max_wal_keep_bytes)
+    def share_of_limit(self) -> float | None:
+        """Retained WAL as a share of ``max_slot_wal_keep_size`` (None: no limit): at 1.0 the
+        server invalidates the slot."""
+        if self.max_wal_keep_bytes is None or self.max_wal_keep_bytes <= 0:
+            return None
+        return self.retained_bytes / self.max_wal_keep_bytes
 
 
 def slot_health(spec: SyncSpec, name: str) -> SlotHealth:
