@@ -291,8 +291,31 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--psql", metavar="DATABASE",
                    help="open a psql shell on one of the demo's databases "
                    f"({', '.join(DATABASES.values())}) and exit")
+    r = sub.add_parser("serve", help="run the webhook receiver for the spec's webhook pipelines")
+    r.add_argument("--spec", default=os.environ.get("SYNC_SPEC", "sync.yaml"),
+                   help="sync spec (default $SYNC_SPEC or sync.yaml)")
+    r.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    r.add_argument("--port", type=int, default=8787, help="port to listen on (8787)")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
     return demo(args)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from sync_pipelines.engine import SyncError
+    from sync_pipelines.engine.receiver import serve as run
+
+    try:
+        spec = load_spec(args.spec)
+        print(f"webhook receiver on http://{args.host}:{args.port}/ingest/<pipeline> for: "
+              + ", ".join(p for p, s in spec.pipelines.items() if s.source.kind == "webhook"),
+              flush=True)
+        run(spec, host=args.host, port=args.port)
+    except SyncError as err:
+        print(f"sync-pipelines serve: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

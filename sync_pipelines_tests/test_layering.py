@@ -41,7 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     # the embedded server knows only PostgreSQL
     "runtime": set(),
 }
-FACADE = {"pipeline", "health", "recovery", "__init__"}  # wiring over the stages
+FACADE = {"pipeline", "health", "recovery", "receiver", "__init__"}  # wiring over stages
 
 
 def stage_of(module: str) -> str:

@@ -14,6 +14,9 @@ Routes (all bodies and errors are JSON; errors are ``{"error": "..."}``)::
                                  numerically when every id is an integer, else as strings;
                                  ``cursor`` is the last id of the previous page; limit 1..1000
                                  (default 100)
+    GET    /{resource}?updated_since=<ISO time>&cursor=&limit=
+                                 the change feed (see .feed): records and tombstones changed
+                                 since then, each with updated_at, by (updated_at, id)
     POST   /{resource}/batch     body {"upserts": [{"id": ..., ...}], "deletes": [id, ...]};
                                  all or nothing: upserts in list order, then deletes in list
                                  order; 200 {"upserted": n, "deleted": n}
@@ -53,6 +56,10 @@ both be applied. The admin API (``/_admin/...``) is never authenticated, delayed
                              {"contacts/13": n, ...}} — per key counts writes only, from
                              arrival to answer (a batch counts for each id it touches)
     GET  /_admin/records    {"contacts": {id: record}, "companies": {...}, "deals": {...}}
+    POST /_admin/webhooks   {"url": ..., "secret": "whsec_..."}: send a signed webhook per
+                            applied change (see .feed); {"url": null} stops
+    GET  /_admin/webhooks   {"url", "pending", "sent", "attempts", "failures", "dropped",
+                             "last_error"}
 
 Everything is lost when the process ends. A reset while requests are in flight lets them
 finish, but they no longer count in the new log's counters or stats.
@@ -73,13 +80,17 @@ from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
+from datetime import datetime, timezone
 from typing import Any
 
+from standardwebhooks import Webhook
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from .feed import Feed, WebhookConfig, WebhookSender
 
 RESOURCES: tuple[str, ...] = ("contacts", "companies", "deals")
 DEFAULT_IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -236,6 +247,11 @@ class _State:
 
     def _clear(self) -> None:
         self.records: dict[str, dict[str, dict[str, Json]]] = {r: {} for r in RESOURCES}
+        self.feed = Feed(RESOURCES)
+        if hasattr(self, "sender"):
+            self.sender.configure(None)
+        else:
+            self.sender = WebhookSender()
         self.writes: list[dict[str, Json]] = []
         self.idempotency: dict[str, _Stored] = {}
         self.outcomes: Counter[str] = Counter()
@@ -354,15 +370,30 @@ class _State:
         if write.op == "put":
             assert write.record is not None
             table[write.ids[0]] = write.record
+            self._changed(write.resource, write.ids[0], write.record)
             return JSONResponse(write.record)
         if write.op == "delete":
-            table.pop(write.ids[0], None)
+            existed = table.pop(write.ids[0], None) is not None
+            if existed:
+                self._changed(write.resource, write.ids[0], None)
             return Response(status_code=204)
         for record in write.upserts:
             table[str(record["id"])] = record
+            self._changed(write.resource, str(record["id"]), record)
         for record_id in write.deletes:
-            table.pop(record_id, None)
+            if table.pop(record_id, None) is not None:
+                self._changed(write.resource, record_id, None)
         return JSONResponse({"upserted": len(write.upserts), "deleted": len(write.deletes)})
+
+    def _changed(self, resource: str, record_id: str, record: dict[str, Json] | None) -> None:
+        """The change feed and the outgoing webhooks see every applied change."""
+        at = self.feed.touch(resource, record_id, deleted=record is None)
+        self.sender.emit(resource, record, record_id, at, deleted=record is None)
+
+    def changes_page(self, resource: str, since: float, cursor: str | None,
+                     limit: int) -> dict[str, Json]:
+        with self.lock:
+            return self.feed.page(resource, self.records[resource], since, cursor, limit)
 
     def page(self, resource: str, cursor: str | None, limit: int) -> dict[str, Json]:
         with self.lock:
@@ -475,6 +506,19 @@ class _Service:
             limit = 0
         if not 1 <= limit <= MAX_PAGE_LIMIT:
             return _error(400, f"limit must be an integer from 1 to {MAX_PAGE_LIMIT}")
+        since = request.query_params.get("updated_since")
+        if since is not None:  # the change feed (see .feed)
+            try:
+                when = datetime.fromisoformat(since.replace("Z", "+00:00").replace(" ", "+"))
+            except ValueError:
+                return _error(400, f"updated_since {since!r} is not an ISO 8601 time")
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=timezone.utc)
+            try:
+                return JSONResponse(self.state.changes_page(resource, when.timestamp(), cursor,
+                                                            limit))
+            except ValueError:
+                return _error(400, "cursor is not one this endpoint gave out")
         return JSONResponse(self.state.page(resource, cursor, limit))
 
     async def _write(self, request: Request, op: str) -> Response:
@@ -646,6 +690,27 @@ class _Service:
         with self.state.lock:
             return JSONResponse({r: dict(t) for r, t in self.state.records.items()})
 
+    async def get_webhooks(self, request: Request) -> Response:
+        sender = self.state.sender
+        stats = sender.stats
+        return JSONResponse({"url": sender.config.url if sender.config else None,
+                             "pending": sender.pending(), "sent": stats.sent,
+                             "attempts": stats.attempts, "failures": stats.failures,
+                             "dropped": stats.dropped, "last_error": stats.last_error})
+
+    async def set_webhooks(self, request: Request) -> Response:
+        try:
+            body = json.loads(await request.body() or b"{}")
+            url, secret = body.get("url"), body.get("secret")
+            config = None if url is None else WebhookConfig(
+                str(url), str(secret), float(body.get("retry_after_s", 1.0)))
+            if config is not None:
+                Webhook(config.secret)  # a usable whsec_ secret, or 400
+        except Exception:  # noqa: BLE001 - bad JSON, bad secret: one answer, no echo
+            return _error(400, 'expected {"url": ..., "secret": "whsec_..."} (or {"url": null})')
+        self.state.sender.configure(config)
+        return JSONResponse({"url": url})
+
 
 def _parse_batch(body: dict[str, Json]) -> tuple[tuple[dict[str, Json], ...], tuple[str, ...]]:
     unknown = sorted(set(body) - {"upserts", "deletes"})
@@ -702,6 +767,8 @@ def create_app(
         Route("/_admin/received", service.received, methods=["GET"]),
         Route("/_admin/stats", service.stats, methods=["GET"]),
         Route("/_admin/records", service.records, methods=["GET"]),
+        Route("/_admin/webhooks", service.get_webhooks, methods=["GET"]),
+        Route("/_admin/webhooks", service.set_webhooks, methods=["POST"]),
         Route("/{resource}", service.collection, methods=["GET"]),
         Route("/{resource}/batch", service.batch, methods=["POST"]),
         Route("/{resource}/{id}", service.record, methods=["GET", "PUT", "DELETE"]),

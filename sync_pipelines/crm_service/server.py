@@ -111,7 +111,8 @@ class CrmServer:
         self._client.get("/_admin/faults").raise_for_status()
 
     def stop(self) -> None:
-        """Stop serving and join the thread; safe to call twice."""
+        """Stop serving (and sending webhooks) and join the thread; safe to call twice."""
+        self.app.state.crm.sender.stop()
         server, thread = self._server, self._thread
         if self._client is not None:
             self._client.close()
@@ -161,6 +162,16 @@ class CrmServer:
         """Every stored record as ``{resource: {id: record}}``, or ``{id: record}`` of one."""
         data = self._admin("GET", "records")
         return data if resource is None else data[resource]
+
+    def configure_webhooks(self, url: str | None, secret: str | None = None,
+                           retry_after_s: float = 1.0) -> None:
+        """Send a signed webhook to ``url`` per applied change (None: stop)."""
+        self._admin("POST", "webhooks", json={"url": url, "secret": secret,
+                                              "retry_after_s": retry_after_s})
+
+    def webhooks(self) -> dict[str, Any]:
+        """``GET /_admin/webhooks``: pending, sent, attempts, failures, dropped."""
+        return self._admin("GET", "webhooks")
 
     def faults(self) -> dict[str, Any]:
         """``GET /_admin/faults``: the current fault config."""

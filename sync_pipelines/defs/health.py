@@ -82,6 +82,9 @@ def slot_evaluation(pipeline: PipelineSpec, s: SlotHealth) -> Evaluation:
     }
     metadata = {k: v for k, v in metadata.items() if v is not None}
     key = source_key(pipeline.name)
+    if not s.applicable:
+        return key, "slot_lag", True, dg.AssetCheckSeverity.WARN, {
+            "problem": dg.MetadataValue.text(f"no slot: a {pipeline.source.kind} source")}
     if s.error:
         return key, "slot_lag", False, dg.AssetCheckSeverity.ERROR, {
             **metadata, "problem": dg.MetadataValue.text(f"cannot read the slot: {s.error}")}

@@ -94,11 +94,16 @@ def _delivery_metadata(r: Any) -> dict[str, Any]:
 
 def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
     p = pipeline.name
+    kind = pipeline.source.kind
+    how = {"postgres": f"captured through publication {pipeline.publication} and slot "
+                       f"{pipeline.slot}",
+           "webhook": "pushed by signed webhooks to the receiver (sync-pipelines serve)",
+           "http_poll": "polled from the API's list endpoints"}[kind]
     source = dg.AssetSpec(
-        source_key(p), group_name=p, kinds={"postgres"},
-        description=f"Source tables of pipeline {p}, captured through publication "
-        f"{pipeline.publication} and slot {pipeline.slot}.",
-        metadata={"tables": ", ".join(pipeline.tables), "slot": pipeline.slot},
+        source_key(p), group_name=p, kinds={"postgres" if kind == "postgres" else "api"},
+        description=f"Source tables of pipeline {p}, {how}.",
+        metadata={"tables": ", ".join(pipeline.tables), "source": kind,
+                  **({"slot": pipeline.slot} if kind == "postgres" else {})},
     )
     staged = dg.AssetSpec(
         staged_key(p), deps=[source_key(p)], group_name=p,

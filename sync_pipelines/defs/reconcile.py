@@ -142,6 +142,8 @@ def _first_day(spec: SyncSpec, pipeline: PipelineSpec) -> str:
 
 
 def build_reconcile_defs(spec: SyncSpec, pipeline: PipelineSpec) -> dg.Definitions:
+    if pipeline.postgres_source is None:  # both read the source's tables with SQL
+        return dg.Definitions()
     p = pipeline.name
     rspec = pipeline.reconcile
     partitions = dg.DailyPartitionsDefinition(start_date=_first_day(spec, pipeline),

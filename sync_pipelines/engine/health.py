@@ -48,6 +48,8 @@ class SlotHealth:
     """Seconds since then (None before the first one)."""
     lost: bool = False
     """Dropped after the pipeline used it, or invalidated: the pipeline stopped; recover."""
+    applicable: bool = True
+    """False for webhook and polling sources: they have no slot."""
     error: str | None = None
     """Why the slot could not be read (the source is unreachable, say)."""
 
@@ -62,6 +64,8 @@ class SlotHealth:
 
 def slot_health(spec: SyncSpec, name: str) -> SlotHealth:
     pipeline = spec.pipelines[name]
+    if pipeline.postgres_source is None:
+        return SlotHealth(name, pipeline.slot, False, applicable=False)
     with StateStore.connect(spec.state.resolve("state database"), spec.state.schema_name) as st:
         st.ensure_pipeline(name, pipeline.slot)
         state = st.pipeline_state(name)

@@ -33,6 +33,7 @@ from psycopg import sql
 
 from .backfill.reader import Progress, SnapshotReport, backfill_table
 from .backfill.refetch import refetch_pending
+from .capture.poller import poll
 from .capture.puller import PullReport, pull
 from .capture.source import Source
 from .delivery.loop import deliver
@@ -43,7 +44,7 @@ from .errors import SpecError, SyncError
 from .faults import NO_FAULTS, Faults
 from .reconcile.drift import TableDrift
 from .reconcile.run import CatchUp, ReconcileReport, Window, reconcile_pipeline
-from .spec import PipelineSpec, PostgresTargetSpec, SyncSpec
+from .spec import HttpPollSourceSpec, PipelineSpec, PostgresTargetSpec, SyncSpec, WebhookSourceSpec
 from .staging.held import HeldStore
 from .staging.snapshots import SnapshotInfo, SnapshotStore
 from .staging.store import Backlog, StateStore
@@ -57,11 +58,30 @@ def open_source(pipeline: PipelineSpec) -> Source:
     return Source(pipeline.source.resolve(f"pipeline {pipeline.name!r}: source"), pipeline)
 
 
-def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS) -> PullReport:
-    """One sensor tick: re-read the rows delivery asked for (their watermarks go into the WAL
-    first, so this very pull meets them; their few rows are not held to the demand budget),
-    then pull within the demand budget."""
+def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS,
+                  force: bool = False) -> PullReport:
+    """One sensor tick of the pipeline's source.
+
+    PostgreSQL: re-read the rows delivery asked for (their watermarks go into the WAL first,
+    so this very pull meets them; their few rows are not held to the demand budget), then
+    pull within the demand budget. Polling: one poll of each table whose interval has passed
+    (``force``: now). Webhooks: nothing to pull — the receiver stages as requests come."""
     pipeline = spec.pipelines[name]
+    if isinstance(pipeline.source, WebhookSourceSpec):
+        return PullReport(name, 0, 0, skipped="webhook source: the receiver stages changes "
+                          "as they arrive (sync-pipelines serve)")
+    if isinstance(pipeline.source, HttpPollSourceSpec):
+        with open_state(spec) as state:
+            state.ensure_pipeline(name, pipeline.slot)
+            undelivered = state.undelivered_changes(name)
+            polled = poll(state, pipeline, force=force)
+            return PullReport(
+                name, pipeline.policy.demand_budget - undelivered, undelivered,
+                tuple(polled.batches), polled.staged,
+                skipped=None if polled.staged else (
+                    "no table was due for a poll" if not polled.tables
+                    else "no new or changed records"),
+                duration_s=polled.duration_s)
     with open_state(spec) as state, open_source(pipeline) as source:
         refetched = refetch_pending(state, pipeline, faults=faults)
         return dataclasses.replace(pull(source, state, pipeline, faults=faults),
@@ -75,15 +95,17 @@ def _target(pipeline: PipelineSpec, target: str) -> None:
 
 
 def deliver_target(spec: SyncSpec, name: str, target: str, *, upto_batch: int | None = None,
-                   faults: Faults = NO_FAULTS) -> DeliveryReport:
+                   lock_timeout_s: float = 300.0, faults: Faults = NO_FAULTS
+                   ) -> DeliveryReport:
     """One delivery run's work for one target (see :mod:`.delivery.loop`), then clean-up of
-    the batches every target has applied."""
+    the batches every target has applied. Waits up to ``lock_timeout_s`` for another delivery
+    of the target to finish (a :class:`~.errors.TransientDeliveryError` after that)."""
     pipeline = spec.pipelines[name]
     _target(pipeline, target)
     with open_state(spec) as state:
         with closing(open_sink(pipeline, target)) as sink:
             report = deliver(state, pipeline, target, sink, upto_batch=upto_batch,
-                             faults=faults)
+                             lock_timeout_s=lock_timeout_s, faults=faults)
         state.collect_garbage(name, list(pipeline.targets))
     return report
 
@@ -215,6 +237,8 @@ def backfill_plan(spec: SyncSpec, name: str) -> BackfillPlan:
     first pull has created the slot (watermarks written earlier would be lost). A worker holds
     a lock while it runs (see :func:`.staging.snapshots.worker_lock`), so "running" means alive."""
     pipeline = spec.pipelines[name]
+    if pipeline.postgres_source is None:
+        return BackfillPlan()  # a webhook or polling source has no table to read
     with open_state(spec) as state:
         state.ensure_pipeline(name, pipeline.slot)
         if state.pipeline_state(name).advanced_lsn is None:

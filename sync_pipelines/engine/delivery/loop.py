@@ -180,6 +180,7 @@ def deliver(
             faults.hit("after_apply")
             with state.conn.transaction():
                 state.record_delivered(pipeline.name, target, last.last, last.batch_id)
+                state.log_delivered(pipeline.name, target, [b.batch_id for b in window])
                 held.trim_ledger(last.last)
             position = last.last
             changes += n_rows

@@ -183,4 +183,43 @@ MIGRATIONS: list[str] = [
     ALTER TABLE {schema}.pipeline ADD COLUMN created_at timestamptz NOT NULL DEFAULT now(),
         ADD COLUMN heartbeat_at timestamptz, ADD COLUMN heartbeat_written_at timestamptz;
     """,
+    # 7: sources without a WAL. Webhook receipts (the dedup record of a webhook-id, written in
+    # the transaction that stages its change), when each target delivered each batch (for the
+    # webhook status API), and the poller's cursor and content hashes.
+    """
+    CREATE TABLE {schema}.webhook_receipt (
+        pipeline       text NOT NULL,
+        webhook_id     text NOT NULL,
+        correlation_id uuid NOT NULL UNIQUE,
+        table_name     text NOT NULL,
+        commit_lsn     bigint NOT NULL,
+        seq            integer NOT NULL,
+        batch_id       bigint NOT NULL,
+        received_at    timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (pipeline, webhook_id)
+    );
+    CREATE INDEX webhook_receipt_age ON {schema}.webhook_receipt (pipeline, received_at);
+    CREATE TABLE {schema}.delivery_log (
+        pipeline     text NOT NULL,
+        target       text NOT NULL,
+        batch_id     bigint NOT NULL,
+        delivered_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (pipeline, target, batch_id)
+    );
+    CREATE TABLE {schema}.poll_cursor (
+        pipeline    text NOT NULL,
+        table_name  text NOT NULL,
+        cursor_at   timestamptz,
+        polled_at   timestamptz,
+        PRIMARY KEY (pipeline, table_name)
+    );
+    CREATE TABLE {schema}.poll_seen (
+        pipeline    text NOT NULL,
+        table_name  text NOT NULL,
+        key         text NOT NULL,
+        hash        text NOT NULL,
+        changed_at  timestamptz,
+        PRIMARY KEY (pipeline, table_name, key)
+    );
+    """,
 ]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -293,44 +293,71 @@ class StateStore:
         """
         if not changes:
             raise ValueError("stage_batch needs at least one change")
-        first, last = changes[0], changes[-1]
         with self.conn.transaction():
-            row = self.conn.execute(
-                self._q("SELECT staged_lsn, staged_seq, next_batch FROM {schema}.pipeline "
-                        "WHERE pipeline = %s FOR UPDATE"),
-                (pipeline,),
-            ).fetchone()
-            if row is None:
-                raise StateError(f"pipeline {pipeline!r} is not registered")
-            staged, batch_id = Position(row[0], row[1]), int(row[2])
-            if first.position <= staged:
+            staged, batch_id = self._lock_staged(pipeline)
+            if changes[0].position <= staged:
                 raise StateError(
-                    f"pipeline {pipeline!r}: refusing to stage at {first.position}, already staged "
-                    f"through {staged} (is another process pulling the same slot?)"
+                    f"pipeline {pipeline!r}: refusing to stage at {changes[0].position}, already "
+                    f"staged through {staged} (is another process pulling the same slot?)"
                 )
-            with self.conn.cursor() as cur:
-                cols = sql.SQL(", ").join(map(sql.Identifier, CHANGE_COLUMNS))
-                copy_sql = sql.SQL(
-                    "COPY {schema}.change ({cols}) FROM STDIN (FORMAT BINARY)"
-                ).format(schema=self._s, cols=cols)
-                with cur.copy(copy_sql) as copy:
-                    copy.set_types(_CHANGE_TYPES)
-                    for c in changes:
-                        copy.write_row((pipeline, batch_id, *c))
-            self.conn.execute(
-                self._q(
-                    "INSERT INTO {schema}.batch (pipeline, batch_id, first_lsn, first_seq, "
-                    "last_lsn, last_seq, n_changes, first_commit_ts, last_commit_ts) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                ),
-                (pipeline, batch_id, first.commit_lsn, first.seq, last.commit_lsn, last.seq,
-                 len(changes), first.commit_ts, last.commit_ts),
-            )
-            self.conn.execute(
-                self._q("UPDATE {schema}.pipeline SET staged_lsn = %s, staged_seq = %s, "
-                        "next_batch = %s, updated_at = now() WHERE pipeline = %s"),
-                (last.commit_lsn, last.seq, batch_id + 1, pipeline),
-            )
+            return self._write_batch(pipeline, batch_id, changes)
+
+    def stage_records(self, pipeline: str, rows: Sequence[tuple[int, str, bytes]], *,
+                      commit_ts: datetime,
+                      also: Callable[[BatchInfo], None] | None = None) -> BatchInfo:
+        """Stage rows of a source without a WAL (webhooks, polling) as one batch:
+        ``(relation_id, op, message)`` each, positioned after everything staged so far (one
+        made-up transaction per batch). ``also(batch)`` runs in the same transaction — the
+        webhook receipts or the poll cursor commit with the rows or not at all. Concurrent
+        callers are serialised by the pipeline row's lock."""
+        if not rows:
+            raise ValueError("stage_records needs at least one row")
+        with self.conn.transaction():
+            staged, batch_id = self._lock_staged(pipeline)
+            lsn = staged.commit_lsn + 1
+            changes = [StagedChange(lsn, seq, 0, commit_ts, rid, op, msg)
+                       for seq, (rid, op, msg) in enumerate(rows)]
+            batch = self._write_batch(pipeline, batch_id, changes)
+            if also is not None:
+                also(batch)
+            return batch
+
+    def _lock_staged(self, pipeline: str) -> tuple[Position, int]:
+        row = self.conn.execute(
+            self._q("SELECT staged_lsn, staged_seq, next_batch FROM {schema}.pipeline "
+                    "WHERE pipeline = %s FOR UPDATE"),
+            (pipeline,),
+        ).fetchone()
+        if row is None:
+            raise StateError(f"pipeline {pipeline!r} is not registered")
+        return Position(row[0], row[1]), int(row[2])
+
+    def _write_batch(self, pipeline: str, batch_id: int, changes: Sequence[StagedChange]
+                     ) -> BatchInfo:
+        first, last = changes[0], changes[-1]
+        with self.conn.cursor() as cur:
+            cols = sql.SQL(", ").join(map(sql.Identifier, CHANGE_COLUMNS))
+            copy_sql = sql.SQL(
+                "COPY {schema}.change ({cols}) FROM STDIN (FORMAT BINARY)"
+            ).format(schema=self._s, cols=cols)
+            with cur.copy(copy_sql) as copy:
+                copy.set_types(_CHANGE_TYPES)
+                for c in changes:
+                    copy.write_row((pipeline, batch_id, *c))
+        self.conn.execute(
+            self._q(
+                "INSERT INTO {schema}.batch (pipeline, batch_id, first_lsn, first_seq, "
+                "last_lsn, last_seq, n_changes, first_commit_ts, last_commit_ts) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            ),
+            (pipeline, batch_id, first.commit_lsn, first.seq, last.commit_lsn, last.seq,
+             len(changes), first.commit_ts, last.commit_ts),
+        )
+        self.conn.execute(
+            self._q("UPDATE {schema}.pipeline SET staged_lsn = %s, staged_seq = %s, "
+                    "next_batch = %s, updated_at = now() WHERE pipeline = %s"),
+            (last.commit_lsn, last.seq, batch_id + 1, pipeline),
+        )
         return BatchInfo(batch_id, first.position, last.position, len(changes),
                          first.commit_ts, last.commit_ts)
 
@@ -419,6 +446,14 @@ class StateStore:
             (pipeline, target, pos.commit_lsn, pos.seq, batch_id),
         )
 
+    def log_delivered(self, pipeline: str, target: str, batch_ids: Sequence[int]) -> None:
+        """When the target delivered these batches (for the webhook status API)."""
+        with self.conn.cursor() as cur:
+            cur.executemany(self._q(
+                "INSERT INTO {schema}.delivery_log (pipeline, target, batch_id) VALUES "
+                "(%s, %s, %s) ON CONFLICT DO NOTHING"),
+                [(pipeline, target, b) for b in batch_ids])
+
     def collect_garbage(self, pipeline: str, targets: Sequence[str]) -> int:
         """Drop batches and changes every target has delivered; returns changes removed."""
         floor = min((self.delivered(pipeline, t) for t in targets), default=START)
@@ -437,6 +472,9 @@ class StateStore:
             "UPDATE {schema}.snapshot_chunk c SET messages = NULL FROM {schema}.pipeline p "
             "WHERE c.pipeline = %s AND p.pipeline = c.pipeline AND c.messages IS NOT NULL "
             "AND c.high_lsn < p.advanced_lsn"), (pipeline,))
+        self.conn.execute(self._q(
+            "DELETE FROM {schema}.delivery_log WHERE pipeline = %s "
+            "AND delivered_at < now() - interval '7 days'"), (pipeline,))
         if floor == START:
             return 0
         with self.conn.transaction():

@@ -30,7 +30,8 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import SpecError
+from ..errors import SpecError
+from .sources import HttpPollSourceSpec, RecordSpec, WebhookSourceSpec
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
@@ -69,6 +70,7 @@ class DsnRef(_Model):
 class SourceSpec(DsnRef):
     """A PostgreSQL source read through a publication and a logical replication slot."""
 
+    kind: Literal["postgres"] = "postgres"
     dsn_env: str = "SYNC_SOURCE_DSN"
     """Environment variable holding the source DSN (needs REPLICATION or superuser)."""
     publication: str | None = None
@@ -277,6 +279,20 @@ class HttpTargetSpec(_Model):
         return {}, None
 
 
+SOURCE_KINDS = ("postgres", "webhook", "http_poll")
+"""Source kinds a spec may name (see :mod:`.sources` for the last two)."""
+
+
+def _source_kind(v: Any) -> str:
+    return str(v.get("kind", "postgres")) if isinstance(v, dict) else getattr(v, "kind", "")
+
+
+AnySource = Annotated[
+    Annotated[SourceSpec, Tag("postgres")] | Annotated[WebhookSourceSpec, Tag("webhook")]
+    | Annotated[HttpPollSourceSpec, Tag("http_poll")],
+    Discriminator(_source_kind),
+]
+
 TARGET_KINDS = ("postgres", "http")
 """Target kinds a spec may name (each has a sink, see ``delivery.sinks.registry``)."""
 
@@ -452,7 +468,9 @@ class PipelineSpec(_Model):
 
     name: str = ""
     """Filled in from the key under ``pipelines:``."""
-    source: SourceSpec = Field(default_factory=SourceSpec)
+    source: AnySource = Field(default_factory=SourceSpec)
+    """Where changes come from: PostgreSQL (``kind: postgres``, the default), webhooks
+    (``kind: webhook``) or polling an API (``kind: http_poll``)."""
     tables: dict[str, TableMapping]
     """Source tables (``[schema.]table``) to capture, each with its mapping."""
     targets: dict[str, TargetSpec]
@@ -538,13 +556,42 @@ class PipelineSpec(_Model):
                 return table
         raise KeyError(f"pipeline {self.name!r}: no table maps to {target_table}")
 
+    @model_validator(mode="after")
+    def _records_are_the_tables(self) -> PipelineSpec:
+        records = getattr(self.source, "records", None)
+        if records is None:
+            return self
+        given = {qualify(t) for t in records}
+        missing = sorted(set(self.tables) - given)
+        extra = sorted(given - set(self.tables))
+        if missing:
+            raise ValueError(f"source.records has no record type for table(s) "
+                             f"{', '.join(missing)} (every table needs one)")
+        if extra:
+            raise ValueError(f"source.records names table(s) {', '.join(extra)} that are not "
+                             "under the pipeline's `tables:`")
+        return self
+
+    @property
+    def postgres_source(self) -> SourceSpec | None:
+        """The PostgreSQL source, or None for a webhook or polling source."""
+        return self.source if isinstance(self.source, SourceSpec) else None
+
+    def record(self, table: str) -> RecordSpec:
+        """The record type of ``table`` (webhook and polling sources)."""
+        records = getattr(self.source, "records", {})
+        for name, spec in records.items():
+            if qualify(name) == table:
+                return spec
+        raise KeyError(table)
+
     @property
     def slot(self) -> str:
-        return self.source.slot or f"sync_{self.name}"
+        return getattr(self.source, "slot", None) or f"sync_{self.name}"
 
     @property
     def publication(self) -> str:
-        return self.source.publication or f"sync_{self.name}"
+        return getattr(self.source, "publication", None) or f"sync_{self.name}"
 
 
 class StateSpec(DsnRef):
@@ -589,8 +636,10 @@ def _message(e: Any) -> str:
     """Pydantic's message, in plain words where its own are about its internals."""
     if e["type"] == "union_tag_invalid":
         tag = (e.get("ctx") or {}).get("tag", "?")
-        return (f"kind {tag!r} is not a target kind this version knows; use one of: "
-                f"{', '.join(TARGET_KINDS)}")
+        what, kinds = (("source", SOURCE_KINDS) if "source" in e["loc"]
+                       else ("target", TARGET_KINDS))
+        return (f"kind {tag!r} is not a {what} kind this version knows; use one of: "
+                f"{', '.join(kinds)}")
     return str(e["msg"])
 
 
