@@ -377,17 +377,19 @@ class _State:
             if existed:
                 self._changed(write.resource, write.ids[0], None)
             return Response(status_code=204)
+        at = self.feed.next_time()  # a batch is one change: its records share a change time
         for record in write.upserts:
             table[str(record["id"])] = record
-            self._changed(write.resource, str(record["id"]), record)
+            self._changed(write.resource, str(record["id"]), record, at)
         for record_id in write.deletes:
             if table.pop(record_id, None) is not None:
-                self._changed(write.resource, record_id, None)
+                self._changed(write.resource, record_id, None, at)
         return JSONResponse({"upserted": len(write.upserts), "deleted": len(write.deletes)})
 
-    def _changed(self, resource: str, record_id: str, record: dict[str, Json] | None) -> None:
+    def _changed(self, resource: str, record_id: str, record: dict[str, Json] | None,
+                 at: float | None = None) -> None:
         """The change feed and the outgoing webhooks see every applied change."""
-        at = self.feed.touch(resource, record_id, deleted=record is None)
+        at = self.feed.touch(resource, record_id, deleted=record is None, at=at)
         self.sender.emit(resource, record, record_id, at, deleted=record is None)
 
     def changes_page(self, resource: str, since: float, cursor: str | None,

@@ -2,7 +2,8 @@
 outgoing webhooks — what a source pipeline of kind ``http_poll`` or ``webhook`` reads.
 
 * :class:`Feed` keeps, per resource, each record's change time (assigned by the server on every
-  applied write, strictly increasing) and a tombstone for deleted ones. :meth:`Feed.page`
+  applied write, increasing; the records of one batch write share one) and a tombstone for
+  deleted ones. :meth:`Feed.page`
   answers ``GET /<resource>?updated_since=<ISO time>``: records (and tombstones ``{"id",
   "deleted": true}``) changed at or after that time, each with ``updated_at``, ordered by
   ``(updated_at, id)``, paged with an opaque ``cursor`` that resumes after the last item — so
@@ -54,9 +55,16 @@ class Feed:
         self.changes: dict[str, dict[str, _Change]] = {r: {} for r in resources}
         self._last = 0.0
 
-    def touch(self, resource: str, record_id: str, *, deleted: bool) -> float:
-        at = max(_now(), self._last + 1e-6)  # strictly increasing, microsecond steps
+    def next_time(self) -> float:
+        """A change time after every earlier one (microsecond steps)."""
+        at = max(_now(), self._last + 1e-6)
         self._last = at
+        return at
+
+    def touch(self, resource: str, record_id: str, *, deleted: bool,
+              at: float | None = None) -> float:
+        """Record a change of one record, at ``at`` (a batch's shared time) or now."""
+        at = at if at is not None else self.next_time()
         self.changes[resource][record_id] = _Change(at, record_id, deleted)
         return at
 

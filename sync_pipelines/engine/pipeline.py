@@ -77,9 +77,10 @@ def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS,
             polled = poll(state, pipeline, force=force)
             return PullReport(
                 name, pipeline.policy.demand_budget - undelivered, undelivered,
-                tuple(polled.batches), polled.staged,
+                tuple(polled.batches), polled.staged, more=polled.more,
                 skipped=None if polled.staged else (
                     "no table was due for a poll" if not polled.tables
+                    else "the listing goes on at the next poll" if polled.more
                     else "no new or changed records"),
                 duration_s=polled.duration_s)
     with open_state(spec) as state, open_source(pipeline) as source:

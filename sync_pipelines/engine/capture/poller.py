@@ -4,8 +4,10 @@ Contract of :func:`poll` (a sensor tick of an ``http_poll`` pipeline): for each 
 the record type's ``list`` endpoint for records with ``updated_since = cursor − overlap``,
 ``limit = page_size``, following the API's ``next_cursor`` — the paging the reference CRM
 implements: records ordered by ``(updated_at, id)``, so rows that share a change time are
-never split in a way that loses one. Each page's records become rows (:mod:`.records`); rows
-whose content hash equals the stored one for their key were staged already and are dropped;
+never split in a way that loses one; a poll that stops inside a listing (``max_pages``, the
+budget) leaves the next poll the API's cursor to go on from. Each page's records become rows
+(:mod:`.records`); rows whose content hash equals the stored one for their key were staged
+already and are dropped;
 the rest are staged **in one state transaction with the new cursor and hashes**
 (:mod:`..staging.poll`). Then the next page.
 
@@ -36,6 +38,7 @@ from ..staging.store import BatchInfo, StateStore
 from .records import RecordError, RecordType
 
 RETRIES = 4
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MAX_RETRY_AFTER_S = 30.0
 
 
@@ -53,6 +56,11 @@ class PollReport:
     @property
     def staged(self) -> int:
         return sum(t["staged"] for t in self.tables.values())
+
+    @property
+    def more(self) -> bool:
+        """Some table's listing stopped before its end: the next poll goes on with it."""
+        return any(t["more"] for t in self.tables.values())
 
 
 def _client(pipeline: PipelineSpec, source: HttpPollSourceSpec) -> httpx.Client:
@@ -121,7 +129,8 @@ def poll(state: StateStore, pipeline: PipelineSpec, *, client: httpx.Client | No
             rtype = RecordType(table, pipeline.record(table))
             memory = PollState(state, pipeline.name, table)
             last = memory.polled_at()
-            if not force and last is not None and (
+            # A listing left unfinished (page limit, budget) goes on at the next tick.
+            if not force and last is not None and memory.listing()[1] is None and (
                     datetime.now(timezone.utc) - last).total_seconds() < source.interval_seconds:
                 continue
             report.tables[table] = _poll_table(state, pipeline, source, rtype, memory, http,
@@ -142,15 +151,21 @@ def _poll_table(state: StateStore, pipeline: PipelineSpec, source: HttpPollSourc
     where = f"pipeline {pipeline.name!r}, table {rtype.table} ({spec.list})"
     rid = state.relation_id(pipeline.name, rtype.relation)
     at_index = rtype.names.index(spec.updated_at)
-    counts = {"pages": 0, "read": 0, "staged": 0, "unchanged": 0}
+    counts = {"pages": 0, "read": 0, "staged": 0, "unchanged": 0, "more": 0}
     cursor = memory.cursor()
-    params: dict[str, Any] = {"limit": source.page_size}
-    if cursor is not None:
-        params["updated_since"] = (cursor - timedelta(seconds=source.overlap_seconds)
-                                   ).isoformat()
+    since, page_cursor = memory.listing()
+    if page_cursor is None or since is None:  # a new listing, from a little before the cursor
+        # Always with updated_since, from the epoch on the first poll: that asks for the change
+        # feed ordered by (updated_at, key), deletes included, rather than a plain listing.
+        since = cursor - timedelta(seconds=source.overlap_seconds) if cursor else EPOCH
+        page_cursor = None
+    params: dict[str, Any] = {"limit": source.page_size, "updated_since": since.isoformat()}
+    if page_cursor is not None:
+        params["cursor"] = page_cursor
     while counts["pages"] < source.max_pages:
         room = pipeline.policy.demand_budget - state.undelivered_changes(pipeline.name)
         if room <= 0:
+            counts["more"] = 1
             break  # the budget is full: the next poll goes on from the cursor
         page = _get(http, where, path, params)
         items = page.get("items") if isinstance(page, dict) else None
@@ -178,18 +193,23 @@ def _poll_table(state: StateStore, pipeline: PipelineSpec, source: HttpPollSourc
                 fresh[k] = (r, h, at)  # the last version of a key within the page wins
         counts["unchanged"] += len(rows) - len(fresh)
         seen = [(k, h, at) for k, (_, h, at) in fresh.items()]
+        nxt = page.get("next_cursor") or None
+
+        def advance(_batch: Any = None, seen: Any = seen, newest: Any = newest,
+                    nxt: Any = nxt) -> None:
+            memory.advance(seen, newest, since=since, page_cursor=nxt)
+
         if fresh:
-            batch = state.stage_records(
+            report.batches.append(state.stage_records(
                 pipeline.name, [(rid, r.op, r.message) for r, _, _ in fresh.values()],
-                commit_ts=datetime.now(timezone.utc),
-                also=lambda _b, seen=seen, newest=newest: memory.advance(seen, newest))
-            report.batches.append(batch)
+                commit_ts=datetime.now(timezone.utc), also=advance))
             counts["staged"] += len(fresh)
         else:
             with state.conn.transaction():
-                memory.advance([], newest)
-        nxt = page.get("next_cursor")
+                advance()
         if not nxt:
             break
         params = {**params, "cursor": nxt}
+    else:
+        counts["more"] = 1  # max_pages
     return counts

@@ -67,6 +67,8 @@ class PullReport:
     slot_lag_bytes: int = 0
     skipped: str | None = None
     stopped_by_demand: bool = False
+    more: bool = False
+    """The source has more to read right now (a poll stopped inside a listing)."""
     refetch: RefetchReport = RefetchReport()
     """Rows re-read from the source just before this pull (see :mod:`...backfill.refetch`)."""
     duration_s: float = 0.0

@@ -207,10 +207,12 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (pipeline, target, batch_id)
     );
     CREATE TABLE {schema}.poll_cursor (
-        pipeline    text NOT NULL,
-        table_name  text NOT NULL,
-        cursor_at   timestamptz,
-        polled_at   timestamptz,
+        pipeline      text NOT NULL,
+        table_name    text NOT NULL,
+        cursor_at     timestamptz,
+        listing_since timestamptz,
+        page_cursor   text,
+        polled_at     timestamptz,
         PRIMARY KEY (pipeline, table_name)
     );
     CREATE TABLE {schema}.poll_seen (
