@@ -5,7 +5,7 @@ creates the Dagster storage, state, CRM source and reporting target databases, s
 starts a live change generator and runs ``dagster dev`` with ``DAGSTER_HOME`` set, so run
 history persists between sessions. ``demo --smoke`` does the same setup, then runs a bounded
 round in process instead of the UI: one sensor tick and the delivery runs it requests, then
-yesterday's reconciliation run, through the same Dagster instance, and exits 0 only if the
+today's reconciliation run, through the same Dagster instance, and exits 0 only if the
 targets then match the source and the reconciliation finds no drift.
 
 It prints what runs where (UI, CRM API, a ``psql`` line per database); ``demo --psql NAME``
@@ -24,8 +24,9 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from sync_pipelines.crm_service.server import CrmServer
 from sync_pipelines.engine import load_spec, pull_pipeline
@@ -114,10 +115,12 @@ def smoke(spec_path: Path) -> int:
             print(f"{name}: target differs from source: {drift}")
             return 1
         print(f"{name}: target matches source after {runs} delivery run(s)")
-        # The end-of-day reconciliation, as its schedule would run it for yesterday.
-        yesterday = (datetime.now(timezone.utc) - timedelta(days=1)).strftime("%Y-%m-%d")
+        # The day's reconciliation, as its schedule runs it once the day has ended: today's
+        # partition (the demo's rows changed today; a new pipeline has no earlier day).
+        today = datetime.now(ZoneInfo(spec.pipelines[name].reconcile.timezone)).strftime(
+            "%Y-%m-%d")
         result = defs.resolve_job_def(f"{name}_reconcile_job").execute_in_process(
-            instance=instance, partition_key=yesterday, resources=resources,
+            instance=instance, partition_key=today, resources=resources,
             raise_on_error=False)
         mats = result.asset_materializations_for_node(f"sync__{name}__reconciliation")
         if not result.success or not mats:
@@ -129,7 +132,7 @@ def smoke(spec_path: Path) -> int:
             print(f"{name}: reconciliation found {total} drifted key(s), "
                   f"{md['not_compared'].value} table(s) not compared")
             return 1
-        print(f"{name}: reconciliation for {yesterday}: {compared} rows compared, no drift")
+        print(f"{name}: reconciliation for {today}: {compared} rows compared, no drift")
     return 0
 
 

@@ -146,8 +146,10 @@ def build_reconcile_defs(spec: SyncSpec, pipeline: PipelineSpec) -> dg.Definitio
         return dg.Definitions()
     p = pipeline.name
     rspec = pipeline.reconcile
+    # end_offset=1: today is a partition too (the rows changed so far today), so a pipeline
+    # started today can be reconciled from the launchpad before its first day has ended.
     partitions = dg.DailyPartitionsDefinition(start_date=_first_day(spec, pipeline),
-                                              timezone=rspec.timezone)
+                                              timezone=rspec.timezone, end_offset=1)
 
     @dg.asset(key=backfill_key(p), group_name=p,
               deps=[dg.AssetKey(["sync", p, "source"])],
