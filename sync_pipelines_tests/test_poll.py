@@ -20,6 +20,7 @@ from sync_pipelines.engine.capture.poller import poll
 from sync_pipelines.engine.faults import InjectedCrash
 from sync_pipelines.engine.pipeline import open_state
 
+from .support.crm_api import batch_put, delete, put
 from .support.pipelines import rows
 
 CONTACTS = {
@@ -48,25 +49,6 @@ def poll_spec(monkeypatch, state_dsn, target_dsn, crm_url, **source):
             "initial_backfill": False,
         }},
     })
-
-
-def batch_put(crm, records) -> None:
-    with httpx.Client(base_url=crm.base_url) as c:
-        r = c.post("/contacts/batch", json={"upserts": records},
-                   headers={"Idempotency-Key": f"b{time.monotonic_ns()}"})
-        r.raise_for_status()
-
-
-def put(crm, record) -> None:
-    with httpx.Client(base_url=crm.base_url) as c:
-        c.put(f"/contacts/{record['id']}", json=record,
-              headers={"Idempotency-Key": f"p{time.monotonic_ns()}"}).raise_for_status()
-
-
-def delete(crm, record_id) -> None:
-    with httpx.Client(base_url=crm.base_url) as c:
-        c.delete(f"/contacts/{record_id}",
-                 headers={"Idempotency-Key": f"d{time.monotonic_ns()}"}).raise_for_status()
 
 
 def drain(spec, rounds=50) -> int:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 import threading
+import time
 
 import pytest
 
 from sync_pipelines.engine import deliver_pipeline, parse_spec, pull_pipeline
 
+from .support.crm_api import batch_put, delete, put
 from .support.pipelines import execute, rows
 from .support.receiver import OTHER_SECRET, SECRET, ReceiverServer, event, sign
 from .support.versioned import TARGET_DDL, assert_versions_increase
@@ -253,3 +256,42 @@ def test_synchronous_request_reply(monkeypatch, state_dsn, target_dsn, crm_serve
         assert answer.json()["targets"]["replica"]["status"] == "staged"
     assert pull_pipeline(spec, "shop").skipped.startswith("webhook source")
     assert json.loads(json.dumps(targets))  # plain JSON
+
+
+def test_the_crm_sends_its_changes_by_signed_webhooks(monkeypatch, state_dsn, target_dsn,
+                                                      crm_server):
+    """The reference CRM's outgoing webhooks (signed, retried) into the receiver, then the
+    ordinary delivery: the target ends equal to the CRM, deletes included. The receiver is
+    down for the first changes, so the CRM's retries are part of the path."""
+    contacts = {"key": ["id"], "data": "data", "event_types": ["contact.*"],
+                "delete_when": {"event_type": ["contact.deleted"]},
+                "fields": {"id": {"path": "id", "required": True},
+                           "version": {"path": "version", "type": "int"},
+                           "email": "email"}}
+    spec = webhook_spec(monkeypatch, state_dsn, target_dsn,
+                        records={"crm.contacts": contacts})
+    with socket.socket() as s:  # the port the receiver will listen on, nothing there yet
+        s.bind(("127.0.0.1", 0))
+        receiver = ReceiverServer(spec, port=s.getsockname()[1])
+    crm_server.configure_webhooks(f"{receiver.url}/ingest/shop", SECRET, retry_after_s=0.1)
+    batch_put(crm_server, [{"id": str(i), "version": 1, "email": f"c{i}@x"}
+                           for i in range(1, 41)])
+    time.sleep(0.5)
+    assert crm_server.webhooks()["failures"] > 0  # refused connections, retried
+    with receiver:
+        for i in range(1, 11):
+            put(crm_server, {"id": str(i), "version": 2, "email": f"new{i}@x"})
+        delete(crm_server, "40")
+        deadline = time.monotonic() + 30
+        while crm_server.webhooks()["pending"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stats = crm_server.webhooks()
+        assert stats["pending"] == 0 and stats["dropped"] == 0, stats
+    deliver_pipeline(spec, "shop")
+    api = {k: (int(r["version"]), r.get("email"))
+           for k, r in crm_server.records("contacts").items()}
+    assert len(api) == 39
+    target = {r[0]: (r[1], r[2]) for r in rows(
+        target_dsn, "SELECT id, version, email FROM crm.contacts")}
+    assert target == api
+    assert rows(state_dsn, "SELECT count(*) FROM sync_state.webhook_receipt")[0][0] == 51

@@ -126,8 +126,15 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
     @dg.sensor(
         name=f"{p}_replication_sensor", jobs=list(jobs.values()), minimum_interval_seconds=5,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"Pulls changes of pipeline {p} within its demand budget, stages them, and "
-        "asks for a delivery of each target that has work.",
+        description={
+            "postgres": f"Pulls changes of pipeline {p} within its demand budget, stages them, "
+                        "and asks for a delivery of each target that has work.",
+            "http_poll": f"Polls the API of pipeline {p} (each table every interval_seconds), "
+                         "stages what changed, and asks for a delivery of each target that has "
+                         "work.",
+            "webhook": f"Reports what the webhook receiver staged for pipeline {p} and asks for "
+                       "a delivery of each target that has work.",
+        }[kind],
     )
     def replication_sensor(context: dg.SensorEvaluationContext, sync: SyncEngine):
         spec = sync.spec()
@@ -160,9 +167,17 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
                     "config": {"upto_batch": None}}}}))
         events = [dg.AssetMaterialization(staged_key(p), metadata=_batch_metadata(b, report))
                   for b in report.batches]
+        cursor = context.cursor
+        if kind == "webhook":  # the receiver staged them: one materialization per tick
+            after = int(cursor) if cursor and cursor.isdigit() else 0
+            received = engine.webhooks_received(spec, p, after)
+            if received.last_batch is not None:
+                events.append(dg.AssetMaterialization(
+                    staged_key(p), metadata=_received_metadata(received)))
+                cursor = str(received.last_batch)
         if not requests and not events:
             return dg.SkipReason(_skip_reason(report, backlog))
-        return dg.SensorResult(run_requests=requests, asset_events=events)
+        return dg.SensorResult(run_requests=requests, asset_events=events, cursor=cursor)
 
     return dg.Definitions(
         assets=[source, staged, *assets], jobs=list(jobs.values()),
@@ -187,6 +202,14 @@ def _batch_metadata(b: Any, report: Any) -> dict[str, Any]:
         "slot_lag_bytes": report.slot_lag_bytes,
         "rows_reread": report.refetch.rows,
         "pull_duration_s": round(report.duration_s, 3),
+    }
+
+
+def _received_metadata(r: Any) -> dict[str, Any]:
+    return {
+        "webhooks": r.webhooks,
+        "batches": f"{r.first_batch}–{r.last_batch}",
+        "webhooks_by_table": dg.MetadataValue.json(r.tables),
     }
 
 

@@ -57,23 +57,25 @@ from .pipeline import (
     resolve_dead_letters,
     sweep_pipeline,
     sweep_target,
+    webhooks_received,
 )
 from .reconcile.drift import KeyDrift, TableDrift
 from .reconcile.run import ReconcileReport
 from .recovery import RecoveryReport, recover_pipeline
 from .spec import HttpTargetSpec, PipelineSpec, PostgresTargetSpec, SyncSpec, load_spec, parse_spec
+from .staging.receipts import Received
 from .staging.refetch import RefetchReport
 from .staging.store import Backlog
 from .wire.pgoutput import format_lsn
 
 __all__ = [
     "ApplyStats", "BackfillPlan", "Backlog", "DeliveryReport", "HttpTargetSpec", "KeyDrift",
-    "PipelineSpec", "PostgresTargetSpec", "PullReport", "ReconcileReport", "RecoveryReport",
-    "RefetchReport", "SlotHealth", "SlotLostError", "SnapshotReport", "SpecError", "SweepReport",
-    "SyncError", "SyncSpec", "TableDrift", "TargetHealth", "Terminal", "TerminalDeliveryError",
-    "Transient", "TransientDeliveryError",
+    "PipelineSpec", "PostgresTargetSpec", "PullReport", "Received", "ReconcileReport",
+    "RecoveryReport", "RefetchReport", "SlotHealth", "SlotLostError", "SnapshotReport",
+    "SpecError", "SweepReport", "SyncError", "SyncSpec", "TableDrift", "TargetHealth", "Terminal",
+    "TerminalDeliveryError", "Transient", "TransientDeliveryError",
     "backfill_pipeline", "backfill_plan", "compare_tables", "day_window", "deliver_pipeline",
     "deliver_target", "delivery_backlog", "first_day", "format_lsn", "load_spec", "mark_requested",
     "parse_spec", "pull_pipeline", "reconcile", "recover_pipeline", "resolve_dead_letters",
-    "slot_health", "sweep_pipeline", "sweep_target", "target_health",
+    "slot_health", "sweep_pipeline", "sweep_target", "target_health", "webhooks_received",
 ]

@@ -7,6 +7,7 @@ tests all go through them, so each exercises the same path:
 * :func:`deliver_target` — one delivery run's work for one target (see
   :mod:`.delivery.loop`), followed by clean-up of batches every target has applied;
   :func:`deliver_pipeline` does it for every target, each on its own;
+* :func:`webhooks_received` — what the webhook receiver staged since a sensor's last tick;
 * :func:`delivery_backlog`, :func:`mark_requested` — what each target has not delivered yet
   and when a delivery was last asked for, so the sensor asks for each target that has work
   (and again after a failed run);
@@ -46,6 +47,7 @@ from .reconcile.drift import TableDrift
 from .reconcile.run import CatchUp, ReconcileReport, Window, reconcile_pipeline
 from .spec import HttpPollSourceSpec, PipelineSpec, PostgresTargetSpec, SyncSpec, WebhookSourceSpec
 from .staging.held import HeldStore
+from .staging.receipts import ReceiptStore, Received
 from .staging.snapshots import SnapshotInfo, SnapshotStore
 from .staging.store import Backlog, StateStore
 
@@ -126,6 +128,15 @@ def deliver_pipeline(
     if errors:
         raise errors[0]
     return reports
+
+
+def webhooks_received(spec: SyncSpec, name: str, after_batch: int) -> Received:
+    """Webhooks the receiver staged in batches after ``after_batch`` (for the sensor's staged
+    materialization); receipts older than the dedup window are forgotten on the way."""
+    with open_state(spec) as state:
+        receipts = ReceiptStore(state, name)
+        receipts.forget_old()
+        return receipts.received_since(after_batch)
 
 
 def delivery_backlog(spec: SyncSpec, name: str) -> list[Backlog]:

@@ -38,9 +38,9 @@ def event(kind: str, data: dict[str, Any]) -> str:
 
 
 class ReceiverServer:
-    def __init__(self, spec: SyncSpec) -> None:
+    def __init__(self, spec: SyncSpec, port: int = 0) -> None:
         self.app = create_app(spec)
-        self.port = 0
+        self.port = port
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.client: httpx.Client | None = None
@@ -51,7 +51,8 @@ class ReceiverServer:
 
     def __enter__(self) -> ReceiverServer:
         sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None,
                                 log_level="warning", access_log=False)

@@ -34,6 +34,21 @@ class Receipt:
     received_at: datetime | None = None
 
 
+KEEP_DAYS = 7
+"""How long a ``webhook-id`` is remembered: longer than a Standard Webhooks sender's retry
+schedule (about a day and a half for Svix's), so a late retry is still a duplicate."""
+
+
+@dataclass(frozen=True)
+class Received:
+    """Webhooks staged in batches after a given one (what a sensor tick reports)."""
+
+    webhooks: int
+    first_batch: int | None
+    last_batch: int | None
+    tables: dict[str, int]
+
+
 class ReceiptStore:
     def __init__(self, state: StateStore, pipeline: str) -> None:
         self.state = state
@@ -58,6 +73,22 @@ class ReceiptStore:
             "AND correlation_id = %s"), (self.pipeline, correlation_id)).fetchone()
         return Receipt(row[0], row[1], row[2], Position(row[3], row[4]), row[5],
                        row[6]) if row else None
+
+    def received_since(self, after_batch: int) -> Received:
+        rows = self.conn.execute(self.state._q(
+            "SELECT table_name, count(*), min(batch_id), max(batch_id) FROM "
+            "{schema}.webhook_receipt WHERE pipeline = %s AND batch_id > %s "
+            "GROUP BY table_name ORDER BY table_name"), (self.pipeline, after_batch)).fetchall()
+        if not rows:
+            return Received(0, None, None, {})
+        return Received(sum(r[1] for r in rows), min(r[2] for r in rows),
+                        max(r[3] for r in rows), {r[0]: r[1] for r in rows})
+
+    def forget_old(self) -> int:
+        """Drop receipts older than :data:`KEEP_DAYS` (a retry after that is staged again)."""
+        return self.conn.execute(self.state._q(
+            "DELETE FROM {schema}.webhook_receipt WHERE pipeline = %s AND received_at < "
+            "now() - make_interval(days => %s)"), (self.pipeline, KEEP_DAYS)).rowcount
 
     def insert(self, receipts: Sequence[Receipt]) -> None:
         """Inside the staging transaction."""
