@@ -6,30 +6,37 @@ starts a live change generator and runs ``dagster dev`` with ``DAGSTER_HOME`` se
 history persists between sessions. ``demo --smoke`` does the same setup, then runs a bounded
 round in process instead of the UI: one sensor tick and the delivery runs it requests, then
 today's reconciliation run, through the same Dagster instance, and exits 0 only if the
-targets then match the source and the reconciliation finds no drift.
+targets then match the source and the reconciliation finds no drift. The webhook receiver
+(``sync-pipelines serve``, its own process) serves the spec's webhook pipelines, and the CRM
+API is told to send its signed webhooks there.
 
-It prints what runs where (UI, CRM API, a ``psql`` line per database); ``demo --psql NAME``
-opens a shell on one. Ctrl-C or SIGTERM stops Dagster and all its processes first, then the
-generator and the CRM API, then the embedded server (its data directory stays for next time):
-nothing the demo started outlives it.
+It prints what runs where (UI, CRM API, receiver, a ``psql`` line per database);
+``demo --psql NAME`` opens a shell on one. Ctrl-C or SIGTERM stops Dagster and all its
+processes first, then the receiver, the generator and the CRM API, then the embedded server
+(its data directory stays for next time): nothing the demo started outlives it.
+
+``serve`` runs the webhook receiver for a spec (see :mod:`sync_pipelines.engine.receiver`).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from sync_pipelines.crm_service.server import CrmServer
-from sync_pipelines.engine import load_spec, pull_pipeline
+from sync_pipelines.engine import WebhookSourceSpec, load_spec, pull_pipeline
 from sync_pipelines.engine.runtime.embedded import EmbeddedPostgres, ensure_database, start_embedded
 
 DATABASES = {"dagster": "dagster", "state": "sync_state", "source": "crm", "target": "reporting"}
@@ -43,11 +50,57 @@ def _repo_file(name: str) -> Path:
 
 
 def start_crm() -> CrmServer:
-    """The reference CRM API (an HTTP target of the demo spec) on 127.0.0.1, with a token."""
+    """The reference CRM API (an HTTP target of the demo spec) on 127.0.0.1, with a token and
+    a webhook signing secret (both only in the environment)."""
     token = os.environ.get("SYNC_CRM_TOKEN") or secrets.token_urlsafe(24)
+    secret = os.environ.get("SYNC_WEBHOOK_SECRET") or (
+        "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
     crm = CrmServer(bearer_token=token).start()
-    os.environ.update({"SYNC_CRM_URL": crm.base_url, "SYNC_CRM_TOKEN": token})
+    os.environ.update({"SYNC_CRM_URL": crm.base_url, "SYNC_CRM_TOKEN": token,
+                       "SYNC_WEBHOOK_SECRET": secret})
     return crm
+
+
+def _free_port(preferred: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_receiver(spec_path: Path, crm: CrmServer) -> tuple[subprocess.Popen[bytes], str]:
+    """``sync-pipelines serve`` for the spec's webhook pipelines, and the CRM's webhooks
+    pointed at it; returns the process and its base URL."""
+    import httpx
+
+    port = _free_port(8787)
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "sync_pipelines.cli", "serve", "--spec",
+                             str(spec_path), "--port", str(port)], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"sync-pipelines: the webhook receiver exited ({proc.returncode})")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("sync-pipelines: the webhook receiver did not start in 30 s")
+        time.sleep(0.1)
+    spec = load_spec(spec_path)
+    for name, p in spec.pipelines.items():
+        if isinstance(p.source, WebhookSourceSpec):  # the CRM has one webhook endpoint
+            crm.configure_webhooks(
+                f"{url}/ingest/{name}", os.environ["SYNC_WEBHOOK_SECRET"], retry_after_s=0.5,
+                event_types=sorted({t for r in p.source.records.values()
+                                    for t in r.event_types}))
+            break
+    return proc, url
 
 
 def prepare_environment(home: Path, spec: Path) -> EmbeddedPostgres:
@@ -84,8 +137,9 @@ def prepare_environment(home: Path, spec: Path) -> EmbeddedPostgres:
     return pg
 
 
-def smoke(spec_path: Path) -> int:
-    """One sensor tick and its delivery runs, in process, against the persistent instance."""
+def smoke(spec_path: Path, crm: CrmServer) -> int:
+    """One sensor tick per pipeline and its delivery runs, in process, against the persistent
+    instance; then a check of every target, and today's reconciliation of CDC pipelines."""
     import dagster as dg
 
     import sync_pipelines.engine as engine
@@ -98,27 +152,37 @@ def smoke(spec_path: Path) -> int:
     defs = build_definitions(str(spec_path))
     instance = dg.DagsterInstance.get()
     resources = {"sync": SyncEngine(spec_path=str(spec_path))}
-    for name in spec.pipelines:
-        sensor = defs.get_sensor_def(f"{name}_replication_sensor")
-        gen = ChangeGenerator(os.environ["SYNC_SOURCE_DSN"], rate=200, seed_value=1)
-        gen.start()
-        time.sleep(2)
-        gen.stop()
-        gen.join()
-        print(f"{name}: generated {gen.transactions} CRM transactions")
+    for name, pipeline in spec.pipelines.items():
+        sensor = defs.resolve_sensor_def(f"{name}_replication_sensor")
+        kind = pipeline.source.kind
+        if kind == "postgres":
+            gen = ChangeGenerator(os.environ["SYNC_SOURCE_DSN"], rate=200, seed_value=1)
+            gen.start()
+            time.sleep(2)
+            gen.stop()
+            gen.join()
+            print(f"{name}: generated {gen.transactions} CRM transactions")
+        elif kind == "webhook":  # what the crm pipeline wrote to the CRM API, pushed back
+            sent, stats = _webhooks_sent(crm)
+            if not sent:
+                print(f"{name}: the CRM API's webhooks were not all accepted: {stats}")
+                return 1
+            print(f"{name}: the CRM API sent {sent} signed webhooks to the receiver")
         runs = _tick(sensor, instance, resources, defs)
         if not runs:
             print(f"{name}: the sensor requested no delivery run")
             return 1
-        drift = engine.compare_tables(spec, name) + _crm_drift(spec, name)
+        drift = (engine.compare_tables(spec, name) + _crm_drift(spec, name)
+                 if kind == "postgres" else _api_drift(spec, name, crm))
         if drift:
             print(f"{name}: target differs from source: {drift}")
             return 1
         print(f"{name}: target matches source after {runs} delivery run(s)")
+        if kind != "postgres":
+            continue  # reconciliation reads a SQL source
         # The day's reconciliation, as its schedule runs it once the day has ended: today's
         # partition (the demo's rows changed today; a new pipeline has no earlier day).
-        today = datetime.now(ZoneInfo(spec.pipelines[name].reconcile.timezone)).strftime(
-            "%Y-%m-%d")
+        today = datetime.now(ZoneInfo(pipeline.reconcile.timezone)).strftime("%Y-%m-%d")
         result = defs.resolve_job_def(f"{name}_reconcile_job").execute_in_process(
             instance=instance, partition_key=today, resources=resources,
             raise_on_error=False)
@@ -134,6 +198,34 @@ def smoke(spec_path: Path) -> int:
             return 1
         print(f"{name}: reconciliation for {today}: {compared} rows compared, no drift")
     return 0
+
+
+def _webhooks_sent(crm: CrmServer, timeout_s: float = 60.0) -> tuple[int, dict[str, Any]]:
+    """Wait for the CRM's webhook queue to drain; the number it sent, and its counters."""
+    deadline = time.monotonic() + timeout_s
+    stats = crm.webhooks()
+    while stats["pending"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        stats = crm.webhooks()
+    return (0 if stats["pending"] or stats["dropped"] else int(stats["sent"])), stats
+
+
+def _api_drift(spec, name: str, crm: CrmServer) -> list[str]:  # type: ignore[no-untyped-def]
+    """The reporting tables of an API pipeline against the CRM API's records (by id)."""
+    import psycopg
+    from psycopg import sql
+
+    problems = []
+    with psycopg.connect(os.environ["SYNC_TARGET_DSN"]) as conn:
+        for table in spec.pipelines[name].tables:
+            schema, _, resource = table.partition(".")
+            have = {str(r[0]) for r in conn.execute(sql.SQL("SELECT id FROM {}").format(
+                sql.Identifier(schema, resource)))}
+            want = set(crm.records(resource))
+            if have != want:
+                problems.append(f"{table}: {len(have - want)} extra, {len(want - have)} "
+                                f"missing of {len(want)}")
+    return problems
 
 
 def _crm_drift(spec, name: str) -> list[str]:  # type: ignore[no-untyped-def]
@@ -174,12 +266,15 @@ def _tick(sensor, instance, resources, defs) -> int:  # type: ignore[no-untyped-
     return len(requests or [])
 
 
-def where_things_are(pg: EmbeddedPostgres, crm: CrmServer, port: int, home: Path) -> str:
+def where_things_are(pg: EmbeddedPostgres, crm: CrmServer, receiver_url: str, port: int,
+                     home: Path) -> str:
     """What runs where, ready to paste (no secrets: the embedded server trusts local
     connections on its socket; the CRM token stays in the environment)."""
     rows = [("Dagster UI", f"http://127.0.0.1:{port}"),
             ("CRM API (HTTP target)", f"{crm.base_url}   (what it received: "
-                                      f"{crm.base_url}/_admin/received)")]
+                                      f"{crm.base_url}/_admin/received)"),
+            ("webhook receiver", f"{receiver_url}/ingest/<pipeline>   (the CRM's webhooks: "
+                                 f"{crm.base_url}/_admin/webhooks)")]
     roles = {"crm": "source", "reporting": "Postgres target", "sync_state": "state",
              "dagster": "Dagster storage"}
     for db in DATABASES.values():
@@ -245,18 +340,19 @@ def demo(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     spec = _repo_file(args.spec).resolve()
     workspace = _repo_file("workspace.yaml").resolve()
-    crm = pg = gen = dagster = None
+    crm = pg = gen = dagster = receiver = None
     try:
         crm = start_crm()
         pg = prepare_environment(home, spec)
+        receiver, receiver_url = start_receiver(spec, crm)
         if args.smoke:
-            return smoke(spec)
+            return smoke(spec, crm)
         from sync_pipelines.demo.generator import ChangeGenerator
 
         gen = ChangeGenerator(os.environ["SYNC_SOURCE_DSN"], rate=args.rate)
         gen.start()
         print(f"change generator: ~{args.rate} CRM transactions/s into database 'crm'")
-        print(where_things_are(pg, crm, args.port, home))
+        print(where_things_are(pg, crm, receiver_url, args.port, home))
         print("Ctrl-C stops everything.", flush=True)
         # Run from DAGSTER_HOME, where its dagster.yaml is: from the project folder Dagster
         # warns that the folder's dagster.yaml "will not be used" (it is the same settings).
@@ -265,7 +361,8 @@ def demo(args: argparse.Namespace) -> int:
              "-p", str(args.port)], cwd=os.environ["DAGSTER_HOME"], start_new_session=True)
         return dagster.wait()
     except _Stop:
-        print("\nstopping: Dagster, then the CRM API and the generator, then PostgreSQL",
+        print("\nstopping: Dagster, then the receiver, the CRM API and the generator, then "
+              "PostgreSQL",
               flush=True)
         return 0
     finally:
@@ -273,6 +370,12 @@ def demo(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if dagster is not None:
             _stop_group(dagster)
+        if receiver is not None:
+            receiver.terminate()
+            try:
+                receiver.wait(10)
+            except subprocess.TimeoutExpired:
+                receiver.kill()
         if gen is not None:
             gen.stop()
         if crm is not None:

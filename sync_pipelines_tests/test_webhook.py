@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 
+import httpx
 import pytest
 
 from sync_pipelines.engine import deliver_pipeline, parse_spec, pull_pipeline
@@ -104,6 +105,20 @@ REFUSED = [
               sign(SECRET, "w1", event("order.created", item(1, 1)))), 422,
      "no record type takes event type 'order.created'"),
 ]
+
+
+def test_ignored_event_types_are_answered_and_not_staged(monkeypatch, state_dsn, target_dsn):
+    spec = webhook_spec(monkeypatch, state_dsn, target_dsn)
+    spec.pipelines["shop"].source.ignore_event_types.append("order.*")
+    with ReceiverServer(spec) as receiver:
+        body = event("order.created", {"id": 1})
+        answer = receiver.post("shop", body, sign(SECRET, "o1", body))
+        assert (answer.status_code, answer.json()) == (200, {"ignored": True})
+        other = event("invoice.created", {"id": 1})  # neither taken nor ignored
+        assert receiver.post("shop", other, sign(SECRET, "i1", other)).status_code == 422
+        forged = sign(OTHER_SECRET, "o2", body)  # ignored only once verified
+        assert receiver.post("shop", body, forged).status_code == 401
+    assert staged(state_dsn) == 0
 
 
 @pytest.mark.parametrize(("make", "status", "words"), REFUSED)
@@ -273,7 +288,11 @@ def test_the_crm_sends_its_changes_by_signed_webhooks(monkeypatch, state_dsn, ta
     with socket.socket() as s:  # the port the receiver will listen on, nothing there yet
         s.bind(("127.0.0.1", 0))
         receiver = ReceiverServer(spec, port=s.getsockname()[1])
-    crm_server.configure_webhooks(f"{receiver.url}/ingest/shop", SECRET, retry_after_s=0.1)
+    crm_server.configure_webhooks(f"{receiver.url}/ingest/shop", SECRET, retry_after_s=0.1,
+                                  event_types=["contact.*"])
+    with httpx.Client(base_url=crm_server.base_url) as c:  # not a contact: never sent
+        c.put("/companies/1", json={"id": "1", "name": "Acme"},
+              headers={"Idempotency-Key": "co-1"}).raise_for_status()
     batch_put(crm_server, [{"id": str(i), "version": 1, "email": f"c{i}@x"}
                            for i in range(1, 41)])
     time.sleep(0.5)

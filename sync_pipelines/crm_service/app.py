@@ -56,7 +56,8 @@ both be applied. The admin API (``/_admin/...``) is never authenticated, delayed
                              {"contacts/13": n, ...}} — per key counts writes only, from
                              arrival to answer (a batch counts for each id it touches)
     GET  /_admin/records    {"contacts": {id: record}, "companies": {...}, "deals": {...}}
-    POST /_admin/webhooks   {"url": ..., "secret": "whsec_..."}: send a signed webhook per
+    POST /_admin/webhooks   {"url": ..., "secret": "whsec_...", "event_types"?: ["contact.*"]}:
+                            send a signed webhook per
                             applied change (see .feed); {"url": null} stops
     GET  /_admin/webhooks   {"url", "pending", "sent", "attempts", "failures", "dropped",
                              "last_error"}
@@ -704,12 +705,16 @@ class _Service:
         try:
             body = json.loads(await request.body() or b"{}")
             url, secret = body.get("url"), body.get("secret")
+            types = body.get("event_types") or []
+            if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+                raise ValueError("event_types")
             config = None if url is None else WebhookConfig(
-                str(url), str(secret), float(body.get("retry_after_s", 1.0)))
+                str(url), str(secret), float(body.get("retry_after_s", 1.0)), tuple(types))
             if config is not None:
                 Webhook(config.secret)  # a usable whsec_ secret, or 400
         except Exception:  # noqa: BLE001 - bad JSON, bad secret: one answer, no echo
-            return _error(400, 'expected {"url": ..., "secret": "whsec_..."} (or {"url": null})')
+            return _error(400, 'expected {"url": ..., "secret": "whsec_...", "event_types"?: '
+                          '[glob, ...]} (or {"url": null})')
         self.state.sender.configure(config)
         return JSONResponse({"url": url})
 

@@ -23,6 +23,7 @@ In memory only, like the rest of the service.
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import json
 import threading
 import time
@@ -111,6 +112,12 @@ class WebhookConfig:
     url: str
     secret: str
     retry_after_s: float = 1.0
+    event_types: tuple[str, ...] = ()
+    """Glob patterns of the event types to send (``contact.*``); empty: every type."""
+
+    def wants(self, event_type: str) -> bool:
+        return not self.event_types or any(fnmatch.fnmatchcase(event_type, p)
+                                           for p in self.event_types)
 
 
 @dataclass
@@ -151,11 +158,14 @@ class WebhookSender:
         with self._cond:
             if self.config is None:
                 return
-            self._seq += 1
             kind = SINGULAR.get(resource, resource)
+            event_type = f"{kind}.{'deleted' if deleted else 'updated'}"
+            if not self.config.wants(event_type):
+                return
+            self._seq += 1
             data = ({"id": record_id, "deleted": True, "updated_at": Feed.iso(at)} if deleted
                     else {**(record or {}), "updated_at": Feed.iso(at)})
-            body = json.dumps({"type": f"{kind}.{'deleted' if deleted else 'updated'}",
+            body = json.dumps({"type": event_type,
                                "timestamp": Feed.iso(at), "data": data},
                               separators=(",", ":"))
             self.queue.append(_Event(f"evt_{self._seq}", body))

@@ -164,10 +164,13 @@ class CrmServer:
         return data if resource is None else data[resource]
 
     def configure_webhooks(self, url: str | None, secret: str | None = None,
-                           retry_after_s: float = 1.0) -> None:
-        """Send a signed webhook to ``url`` per applied change (None: stop)."""
+                           retry_after_s: float = 1.0,
+                           event_types: list[str] | None = None) -> None:
+        """Send a signed webhook to ``url`` per applied change (None: stop), of the event
+        types matching ``event_types`` (globs; all when None)."""
         self._admin("POST", "webhooks", json={"url": url, "secret": secret,
-                                              "retry_after_s": retry_after_s})
+                                              "retry_after_s": retry_after_s,
+                                              "event_types": event_types or []})
 
     def webhooks(self) -> dict[str, Any]:
         """``GET /_admin/webhooks``: pending, sent, attempts, failures, dropped."""

@@ -62,18 +62,28 @@ from .pipeline import (
 from .reconcile.drift import KeyDrift, TableDrift
 from .reconcile.run import ReconcileReport
 from .recovery import RecoveryReport, recover_pipeline
-from .spec import HttpTargetSpec, PipelineSpec, PostgresTargetSpec, SyncSpec, load_spec, parse_spec
+from .spec import (
+    HttpPollSourceSpec,
+    HttpTargetSpec,
+    PipelineSpec,
+    PostgresTargetSpec,
+    SyncSpec,
+    WebhookSourceSpec,
+    load_spec,
+    parse_spec,
+)
 from .staging.receipts import Received
 from .staging.refetch import RefetchReport
 from .staging.store import Backlog
 from .wire.pgoutput import format_lsn
 
 __all__ = [
-    "ApplyStats", "BackfillPlan", "Backlog", "DeliveryReport", "HttpTargetSpec", "KeyDrift",
-    "PipelineSpec", "PostgresTargetSpec", "PullReport", "Received", "ReconcileReport",
-    "RecoveryReport", "RefetchReport", "SlotHealth", "SlotLostError", "SnapshotReport",
-    "SpecError", "SweepReport", "SyncError", "SyncSpec", "TableDrift", "TargetHealth", "Terminal",
-    "TerminalDeliveryError", "Transient", "TransientDeliveryError",
+    "ApplyStats", "BackfillPlan", "Backlog", "DeliveryReport", "HttpPollSourceSpec",
+    "HttpTargetSpec", "KeyDrift", "PipelineSpec", "PostgresTargetSpec", "PullReport", "Received",
+    "ReconcileReport", "RecoveryReport", "RefetchReport", "SlotHealth", "SlotLostError",
+    "SnapshotReport", "SpecError", "SweepReport", "SyncError", "SyncSpec", "TableDrift",
+    "TargetHealth", "Terminal", "TerminalDeliveryError", "Transient", "TransientDeliveryError",
+    "WebhookSourceSpec",
     "backfill_pipeline", "backfill_plan", "compare_tables", "day_window", "deliver_pipeline",
     "deliver_target", "delivery_backlog", "first_day", "format_lsn", "load_spec", "mark_requested",
     "parse_spec", "pull_pipeline", "reconcile", "recover_pipeline", "resolve_dead_letters",

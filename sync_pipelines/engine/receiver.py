@@ -5,6 +5,7 @@ Routes::
     POST /ingest/<pipeline>                     a Standard Webhooks request (see .capture.webhook)
         202 {"correlation_id", "status_url", "duplicate", "targets"?}  + Location: status URL
         200 the same with every target's outcome, when ``Prefer: wait=N`` got one in time
+        200 {"ignored": true} for an event type under ``ignore_event_types`` (nothing staged)
         400 not JSON / not UTF-8 / bad webhook-id      401 signature missing or rejected
         404 no such webhook pipeline                    413 body over ``max_body_bytes``
         422 JSON the record types do not accept (the field is named)
@@ -143,6 +144,8 @@ def create_app(spec: SyncSpec) -> Starlette:
         try:
             webhook_id = intake.verify(body, request.headers)
             row = intake.parse(body)
+            if row is None:  # an event type the spec ignores: nothing to stage
+                return JSONResponse({"ignored": True}, status_code=200)
             accepted: Accepted = await intake.submit(webhook_id, row)
         except IntakeError as err:
             return _error(err.status, str(err), err.retry_after)

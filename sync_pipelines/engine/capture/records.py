@@ -48,6 +48,9 @@ def get_path(obj: Any, path: str) -> Any:
     return obj
 
 
+_BOOL_TEXT = {"true": "t", "t": "t", "false": "f", "f": "f"}
+
+
 def _text(table: str, name: str, f: FieldSpec, v: Any) -> str | None:
     """A JSON value as PostgreSQL text of the field's type."""
     where = f"{table}: field {name!r} ({f.path})"
@@ -66,6 +69,9 @@ def _text(table: str, name: str, f: FieldSpec, v: Any) -> str | None:
         if t == "bool":
             if isinstance(v, bool):
                 return "t" if v else "f"
+            # APIs that send booleans as text ("true", or PostgreSQL's "t") are common.
+            if isinstance(v, str) and v.strip().lower() in _BOOL_TEXT:
+                return _BOOL_TEXT[v.strip().lower()]
             raise RecordError(f"{where}: expected true or false, got {v!r}")
         if t == "int":
             if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):

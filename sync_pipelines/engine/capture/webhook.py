@@ -26,6 +26,7 @@ after it, the receipt makes the retry a duplicate. Never logs a secret or a body
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import os
 import uuid
@@ -143,8 +144,8 @@ class WebhookIntake:
                     why = "webhook-timestamp is not a unix time"
         raise Unauthorized(f"signature rejected: {why}")
 
-    def parse(self, body: bytes) -> Row:
-        """The staged row of a verified body."""
+    def parse(self, body: bytes) -> Row | None:
+        """The staged row of a verified body; None for an event type the spec ignores."""
         try:
             event = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -161,6 +162,9 @@ class WebhookIntake:
                     return rtype.row(record, event_type)
                 except RecordError as err:
                     raise Unprocessable(str(err)) from None
+        if isinstance(event_type, str) and any(fnmatch.fnmatchcase(event_type, p)
+                                               for p in self.source.ignore_event_types):
+            return None
         raise Unprocessable(f"no record type takes event type {event_type!r} (tables: "
                             f"{', '.join(self.types)})")
 

@@ -126,6 +126,10 @@ class WebhookSourceSpec(_Model):
     """Where the event type is in the body."""
     records: dict[str, RecordSpec]
     """Table name (as under the pipeline's ``tables:``) → its record type."""
+    ignore_event_types: builtins.list[str] = Field(default_factory=builtins.list)
+    """Event types (glob patterns) the sender sends but no table wants: a verified event of
+    one is answered 200 ``{"ignored": true}`` and nothing is staged (any other event type no
+    record type takes is a 422)."""
     max_wait_seconds: float = Field(default=30.0, ge=0, le=300)
     """Longest ``Prefer: wait=N`` honoured (synchronous request/reply)."""
 
