@@ -195,8 +195,7 @@ def _poll_table(state: StateStore, pipeline: PipelineSpec, source: HttpPollSourc
         seen = [(k, h, at) for k, (_, h, at) in fresh.items()]
         nxt = page.get("next_cursor") or None
 
-        def advance(_batch: Any = None, seen: Any = seen, newest: Any = newest,
-                    nxt: Any = nxt) -> None:
+        def advance(seen: Any = seen, newest: Any = newest, nxt: Any = nxt) -> None:
             memory.advance(seen, newest, since=since, page_cursor=nxt)
 
         if fresh:

@@ -39,9 +39,9 @@ def relation_oid(table: str) -> int:
     return 0x70000000 + (zlib.crc32(table.encode()) & 0x0FFFFFFF)
 
 
-def get_path(obj: Any, path: str) -> Any:
-    """``obj["a"]["b"]`` for ``"a.b"``; None where a step is missing."""
-    for part in path.split("."):
+def get_path(obj: Any, path: str | tuple[str, ...]) -> Any:
+    """``obj["a"]["b"]`` for ``"a.b"`` (or ``("a", "b")``); None where a step is missing."""
+    for part in path.split(".") if isinstance(path, str) else path:
         if not isinstance(obj, dict):
             return None
         obj = obj.get(part)
@@ -53,12 +53,14 @@ _BOOL_TEXT = {"true": "t", "t": "t", "false": "f", "f": "f"}
 
 def _text(table: str, name: str, f: FieldSpec, v: Any) -> str | None:
     """A JSON value as PostgreSQL text of the field's type."""
+    t = f.type
+    if t == "text" and isinstance(v, str):
+        return v  # the common case first
     where = f"{table}: field {name!r} ({f.path})"
     if v is None:
         if f.required:
             raise RecordError(f"{where} is required")
         return None
-    t = f.type
     try:
         if t == "json":
             return json.dumps(v, separators=(",", ":"), ensure_ascii=False)
@@ -118,6 +120,7 @@ class RecordType:
         self.relation = Relation(relation_oid(table), namespace, name, "d", tuple(
             Column(n, TYPE_OIDS[f.type], -1, n in spec.key) for n, f in spec.fields.items()))
         self.key_idx = [self.names.index(k) for k in spec.key]
+        self._fields = [(n, f, tuple(f.path.split("."))) for n, f in spec.fields.items()]
 
     def _deleted(self, record: dict[str, Any], event_type: str | None) -> bool:
         d = self.spec.delete_when
@@ -131,8 +134,8 @@ class RecordType:
         if not isinstance(record, dict):
             raise RecordError(f"{self.table}: expected a JSON object, got "
                               f"{type(record).__name__}")
-        values = [_text(self.table, n, f, get_path(record, f.path))
-                  for n, f in self.spec.fields.items()]
+        values = [_text(self.table, n, f, get_path(record, parts))
+                  for n, f, parts in self._fields]
         key = tuple(values[i] for i in self.key_idx)
         for name, v in zip(self.spec.key, key, strict=True):
             if v is None:

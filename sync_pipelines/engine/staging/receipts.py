@@ -90,14 +90,18 @@ class ReceiptStore:
             "DELETE FROM {schema}.webhook_receipt WHERE pipeline = %s AND received_at < "
             "now() - make_interval(days => %s)"), (self.pipeline, KEEP_DAYS)).rowcount
 
-    def insert(self, receipts: Sequence[Receipt]) -> None:
-        """Inside the staging transaction."""
-        with self.conn.cursor() as cur:
-            cur.executemany(self.state._q(
-                "INSERT INTO {schema}.webhook_receipt (pipeline, webhook_id, correlation_id, "
-                "table_name, commit_lsn, seq, batch_id) VALUES (%s, %s, %s, %s, %s, %s, %s)"),
-                [(self.pipeline, r.webhook_id, r.correlation_id, r.table, r.position.commit_lsn,
-                  r.position.seq, r.batch_id) for r in receipts])
+    def insert_staged(self, receipts: Sequence[tuple[str, str, str, int]]) -> None:
+        """Inside :meth:`~.store.StateStore.stage_records`'s transaction, right after its rows:
+        ``(webhook_id, correlation_id, table, seq)`` each, at the batch just staged (read back
+        from the pipeline row, so this can be pipelined behind the staging statement)."""
+        self.conn.execute(self.state._q(
+            "INSERT INTO {schema}.webhook_receipt (pipeline, webhook_id, correlation_id, "
+            "table_name, commit_lsn, seq, batch_id) SELECT p.pipeline, u.wid, u.corr::uuid, "
+            "u.tbl, p.staged_lsn, u.seq, p.next_batch - 1 FROM {schema}.pipeline p, "
+            "unnest(%s::text[], %s::text[], %s::text[], %s::int4[]) AS u(wid, corr, tbl, seq) "
+            "WHERE p.pipeline = %s"),
+            ([r[0] for r in receipts], [r[1] for r in receipts], [r[2] for r in receipts],
+             [r[3] for r in receipts], self.pipeline))
 
 
 def change_outcome(state: StateStore, pipeline: str, targets: Sequence[str],

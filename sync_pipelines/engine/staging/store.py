@@ -304,23 +304,47 @@ class StateStore:
 
     def stage_records(self, pipeline: str, rows: Sequence[tuple[int, str, bytes]], *,
                       commit_ts: datetime,
-                      also: Callable[[BatchInfo], None] | None = None) -> BatchInfo:
+                      also: Callable[[], None] | None = None) -> BatchInfo:
         """Stage rows of a source without a WAL (webhooks, polling) as one batch:
         ``(relation_id, op, message)`` each, positioned after everything staged so far (one
-        made-up transaction per batch). ``also(batch)`` runs in the same transaction — the
-        webhook receipts or the poll cursor commit with the rows or not at all. Concurrent
-        callers are serialised by the pipeline row's lock."""
+        made-up transaction per batch). ``also()`` runs in the same transaction — the webhook
+        receipts or the poll cursor commit with the rows or not at all. Concurrent callers are
+        serialised by the pipeline row's lock.
+
+        One round trip: the position is taken from the locked pipeline row by the statement
+        that inserts the rows, the batch and the new staged position (data-modifying CTEs),
+        and ``also``'s statements and the COMMIT are pipelined behind it — the receiver stages
+        a group of webhooks per commit, so its rate is this call's latency."""
         if not rows:
             raise ValueError("stage_records needs at least one row")
-        with self.conn.transaction():
-            staged, batch_id = self._lock_staged(pipeline)
-            lsn = staged.commit_lsn + 1
-            changes = [StagedChange(lsn, seq, 0, commit_ts, rid, op, msg)
-                       for seq, (rid, op, msg) in enumerate(rows)]
-            batch = self._write_batch(pipeline, batch_id, changes)
+        n = len(rows)
+        cols = sql.SQL(", ").join(map(sql.Identifier, CHANGE_COLUMNS))
+        query = sql.SQL(
+            "WITH p AS (SELECT staged_lsn + 1 AS lsn, next_batch AS b FROM {schema}.pipeline "
+            "  WHERE pipeline = %(p)s FOR UPDATE), "
+            "c AS (INSERT INTO {schema}.change ({cols}) SELECT %(p)s, p.b, p.lsn, "
+            "  (u.n - 1)::int4, 0, %(ts)s, u.rid, u.op, u.msg FROM p, "
+            "  unnest(%(rid)s::int8[], %(op)s::text[], %(msg)s::bytea[]) WITH ORDINALITY "
+            "  AS u(rid, op, msg, n)), "
+            "bt AS (INSERT INTO {schema}.batch (pipeline, batch_id, first_lsn, first_seq, "
+            "  last_lsn, last_seq, n_changes, first_commit_ts, last_commit_ts) "
+            "  SELECT %(p)s, p.b, p.lsn, 0, p.lsn, %(last)s, %(n)s, %(ts)s, %(ts)s FROM p), "
+            "up AS (UPDATE {schema}.pipeline SET staged_lsn = p.lsn, staged_seq = %(last)s, "
+            "  next_batch = p.b + 1, updated_at = now() FROM p WHERE pipeline = %(p)s) "
+            "SELECT p.lsn, p.b FROM p").format(schema=self._s, cols=cols)
+        params = {"p": pipeline, "ts": commit_ts, "last": n - 1, "n": n,
+                  "rid": [r[0] for r in rows], "op": [r[1] for r in rows],
+                  "msg": [r[2] for r in rows]}
+        with self.conn.pipeline(), self.conn.transaction():
+            cur = self.conn.execute(query, params)
             if also is not None:
-                also(batch)
-            return batch
+                also()
+        row = cur.fetchone()
+        if row is None:
+            raise StateError(f"pipeline {pipeline!r} is not registered")
+        lsn, batch_id = int(row[0]), int(row[1])
+        return BatchInfo(batch_id, Position(lsn, 0), Position(lsn, n - 1), n, commit_ts,
+                         commit_ts)
 
     def _lock_staged(self, pipeline: str) -> tuple[Position, int]:
         row = self.conn.execute(
