@@ -71,12 +71,14 @@ def test_definitions_and_the_schedule_asks_for_the_day_that_ended(
     paris = ZoneInfo("Europe/Paris")
     for when, day in [(datetime(2026, 11, 24, 0, 30, tzinfo=paris), "2026-11-23"),
                       (datetime(2026, 3, 29, 0, 30, tzinfo=paris), "2026-03-28")]:  # DST day
-        with dg.build_schedule_context(scheduled_execution_time=when) as ctx:
+        with dg.build_schedule_context(scheduled_execution_time=when,
+                                       repository_def=defs.get_repository_def()) as ctx:
             [request] = schedule.evaluate_tick(ctx).run_requests or []
         assert request.partition_key == day
     # 23:30 UTC on the 23rd is already 00:30 on the 24th in Paris: the 23rd is over there.
     with dg.build_schedule_context(
-            scheduled_execution_time=datetime(2026, 11, 23, 23, 30, tzinfo=ZoneInfo("UTC"))
+            scheduled_execution_time=datetime(2026, 11, 23, 23, 30, tzinfo=ZoneInfo("UTC")),
+            repository_def=defs.get_repository_def()
     ) as ctx:
         [request] = schedule.evaluate_tick(ctx).run_requests or []
     assert request.partition_key == "2026-11-23"

@@ -18,7 +18,7 @@ long backfill or reconciliation never holds up delivery (which they rely on).
 
 
 import time
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -265,9 +265,21 @@ def build_reconcile_defs(spec: SyncSpec, pipeline: PipelineSpec) -> dg.Definitio
         description=f"Compare {p}'s source with its targets; with repair, fix confirmed drift "
         "through the stream.")
     hour, minute = (int(x) for x in rspec.at.split(":"))
-    schedule = dg.build_schedule_from_partitioned_job(
-        reconcile_job, name=f"{p}_reconcile_schedule", hour_of_day=hour, minute_of_hour=minute,
-        default_status=dg.DefaultScheduleStatus.RUNNING)
+    first_day = _first_day(spec, pipeline)
+
+    @dg.schedule(
+        name=f"{p}_reconcile_schedule", job=reconcile_job, cron_schedule=f"{minute} {hour} * * *",
+        execution_timezone=rspec.timezone, default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=f"Reconciles the day that ended, every day at {rspec.at} "
+        f"({rspec.timezone}).")
+    def schedule(context: dg.ScheduleEvaluationContext):
+        # The day that ended (today's partition exists too, for the launchpad, but is not over).
+        when = context.scheduled_execution_time or datetime.now(ZoneInfo(rspec.timezone))
+        day = (when.astimezone(ZoneInfo(rspec.timezone)).date() - timedelta(days=1)).isoformat()
+        if day < first_day:
+            return dg.SkipReason(f"{day} is before the pipeline's first day ({first_day})")
+        return dg.RunRequest(run_key=f"{p}-reconcile-{day}", partition_key=day)
+
     @dg.sensor(name=f"{p}_initial_backfill_sensor", job=backfill_job,
                minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
                description=f"Launches {p}_backfill_job once for tables never backfilled, as "
