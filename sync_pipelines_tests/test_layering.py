@@ -29,8 +29,10 @@ ALLOWED: dict[str, set[str]] = {
     "mapping": {"wire"},
     # capture ends in staged changes: it never reaches into delivery, mapping or backfill
     "capture": {"wire", "staging"},
-    # the delivery loop: staged changes, mapped, to sinks
-    "delivery": {"wire", "staging", "mapping", "delivery.sinks"},
+    # the delivery loop: staged changes, mapped, to sinks (a two-way link's check in between)
+    "delivery": {"wire", "staging", "mapping", "delivery.sinks", "links"},
+    # a link's check: mapped changes against the target's rows and the agreed base
+    "links": {"wire", "staging", "mapping", "delivery.sinks"},
     # sinks see mapped changes and their own target; of the state only the held-change types
     "delivery.sinks": {"wire", "mapping", "staging.held"},
     # snapshots read the source (capture's helpers) into the stream (staging)

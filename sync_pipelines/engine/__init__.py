@@ -41,6 +41,7 @@ from .errors import (
     TransientDeliveryError,
 )
 from .health import SlotHealth, TargetHealth, slot_health, target_health
+from .links.resolution import ResolutionError
 from .pipeline import (
     BackfillPlan,
     backfill_pipeline,
@@ -51,10 +52,13 @@ from .pipeline import (
     deliver_target,
     delivery_backlog,
     first_day,
+    link_conflict_counts,
+    link_conflicts,
     mark_requested,
     pull_pipeline,
     reconcile,
     resolve_dead_letters,
+    resolve_link_conflict,
     sweep_pipeline,
     sweep_target,
     webhooks_received,
@@ -72,20 +76,22 @@ from .spec import (
     load_spec,
     parse_spec,
 )
+from .staging.links import ConflictRecord
 from .staging.receipts import Received
 from .staging.refetch import RefetchReport
 from .staging.store import Backlog
 from .wire.pgoutput import format_lsn
 
 __all__ = [
-    "ApplyStats", "BackfillPlan", "Backlog", "DeliveryReport", "HttpPollSourceSpec",
-    "HttpTargetSpec", "KeyDrift", "PipelineSpec", "PostgresTargetSpec", "PullReport", "Received",
-    "ReconcileReport", "RecoveryReport", "RefetchReport", "SlotHealth", "SlotLostError",
-    "SnapshotReport", "SpecError", "SweepReport", "SyncError", "SyncSpec", "TableDrift",
-    "TargetHealth", "Terminal", "TerminalDeliveryError", "Transient", "TransientDeliveryError",
-    "WebhookSourceSpec",
+    "ApplyStats", "BackfillPlan", "Backlog", "ConflictRecord", "DeliveryReport",
+    "HttpPollSourceSpec", "HttpTargetSpec", "KeyDrift", "PipelineSpec", "PostgresTargetSpec",
+    "PullReport", "Received", "ReconcileReport", "RecoveryReport", "RefetchReport",
+    "ResolutionError", "SlotHealth", "SlotLostError", "SnapshotReport", "SpecError", "SweepReport",
+    "SyncError", "SyncSpec", "TableDrift", "TargetHealth", "Terminal", "TerminalDeliveryError",
+    "Transient", "TransientDeliveryError", "WebhookSourceSpec",
     "backfill_pipeline", "backfill_plan", "compare_tables", "day_window", "deliver_pipeline",
-    "deliver_target", "delivery_backlog", "first_day", "format_lsn", "load_spec", "mark_requested",
-    "parse_spec", "pull_pipeline", "reconcile", "recover_pipeline", "resolve_dead_letters",
-    "slot_health", "sweep_pipeline", "sweep_target", "target_health", "webhooks_received",
+    "deliver_target", "delivery_backlog", "first_day", "format_lsn", "link_conflict_counts",
+    "link_conflicts", "load_spec", "mark_requested", "parse_spec", "pull_pipeline", "reconcile",
+    "recover_pipeline", "resolve_dead_letters", "resolve_link_conflict", "slot_health",
+    "sweep_pipeline", "sweep_target", "target_health", "webhooks_received",
 ]

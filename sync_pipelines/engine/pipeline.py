@@ -7,6 +7,8 @@ tests all go through them, so each exercises the same path:
 * :func:`deliver_target` — one delivery run's work for one target (see
   :mod:`.delivery.loop`), followed by clean-up of batches every target has applied;
   :func:`deliver_pipeline` does it for every target, each on its own;
+* :func:`link_conflicts`, :func:`link_conflict_counts`, :func:`resolve_link_conflict` — a
+  two-way link's conflict log and an operator's decisions (see :mod:`.links`);
 * :func:`webhooks_received` — what the webhook receiver staged since a sensor's last tick;
 * :func:`delivery_backlog`, :func:`mark_requested` — what each target has not delivered yet
   and when a delivery was last asked for, so the sensor asks for each target that has work
@@ -27,6 +29,7 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg
@@ -43,10 +46,12 @@ from .delivery.sinks.registry import open_sink
 from .delivery.sweep import sweep
 from .errors import SpecError, SyncError
 from .faults import NO_FAULTS, Faults
+from .links.resolution import resolve_conflict
 from .reconcile.drift import TableDrift
 from .reconcile.run import CatchUp, ReconcileReport, Window, reconcile_pipeline
 from .spec import HttpPollSourceSpec, PipelineSpec, PostgresTargetSpec, SyncSpec, WebhookSourceSpec
 from .staging.held import HeldStore
+from .staging.links import ConflictRecord, LinkStore
 from .staging.receipts import ReceiptStore, Received
 from .staging.snapshots import SnapshotInfo, SnapshotStore
 from .staging.store import Backlog, StateStore
@@ -137,6 +142,28 @@ def webhooks_received(spec: SyncSpec, name: str, after_batch: int) -> Received:
         receipts = ReceiptStore(state, name)
         receipts.forget_old()
         return receipts.received_since(after_batch)
+
+
+def link_conflicts(spec: SyncSpec, link: str, *, status: str | None = None,
+                   limit: int = 50) -> list[ConflictRecord]:
+    """A link's logged conflicts, newest first (``status``: held, decided or resolved)."""
+    with open_state(spec) as state:
+        return LinkStore(state, link).conflicts(status=status, limit=limit)
+
+
+def link_conflict_counts(spec: SyncSpec, link: str, since_hours: float = 24.0) -> dict[str, int]:
+    """Conflicts of the last ``since_hours`` by status, and every held one (``held_total``)."""
+    with open_state(spec) as state:
+        return LinkStore(state, link).counts(since_hours)
+
+
+def resolve_link_conflict(spec: SyncSpec, link: str, conflict_id: int, *,
+                          take: str | None = None, values: dict[str, Any] | None = None,
+                          delete: bool = False) -> ConflictRecord:
+    """An operator's decision on a conflict (see :mod:`.links.resolution`)."""
+    with open_state(spec) as state:
+        return resolve_conflict(spec, state, link, conflict_id, take=take, values=values,
+                                delete=delete)
 
 
 def delivery_backlog(spec: SyncSpec, name: str) -> list[Backlog]:

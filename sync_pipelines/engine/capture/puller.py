@@ -69,6 +69,8 @@ class PullReport:
     stopped_by_demand: bool = False
     more: bool = False
     """The source has more to read right now (a poll stopped inside a listing)."""
+    echoes: int = 0
+    """Changes dropped as a two-way link's own writes into this source (its origin)."""
     refetch: RefetchReport = RefetchReport()
     """Rows re-read from the source just before this pull (see :mod:`...backfill.refetch`)."""
     duration_s: float = 0.0
@@ -116,6 +118,8 @@ class _Puller:
     stopped: bool = False
     heartbeat_in_txn: bool = False
     heartbeat_at: datetime | None = None  # commit time of the newest heartbeat taken whole
+    echo: bool = False  # the current transaction is a two-way link's own write: dropped
+    echoes: int = 0  # changes of such transactions dropped by this pull
 
     def feed_row(self, data: bytes) -> None:
         kind = data[:1]
@@ -127,6 +131,7 @@ class _Puller:
     def feed(self, msg: po.Message) -> None:
         if isinstance(msg, po.Begin):
             self.begin, self.seq = msg, 0
+            self.echo = False
             self.taken_at_begin = self.taken
             self.txn_start = len(self.buffer)
         elif isinstance(msg, po.Commit):
@@ -153,10 +158,20 @@ class _Puller:
                 self.heartbeat_in_txn = msg.content == self.pipeline.name.encode()
             else:
                 self._watermark(msg)
-        # Origin, Type and other logical messages carry nothing to stage.
+        elif isinstance(msg, po.Origin):
+            # pgoutput names the origin of a replayed transaction before its changes (when it
+            # sends every origin, the default): a two-way link's writes into this database
+            # carry the link's origin and are dropped, any other origin flows.
+            link = self.pipeline.link
+            self.echo = link is not None and msg.name == link.skip_origin
+        # Type and other logical messages carry nothing to stage.
 
     def _take(self, relation_oid: int, op: str, data: bytes) -> None:
         if self.stopped:
+            return
+        if self.echo:  # written by the link into this source: never sent back
+            self.seq += 1
+            self.echoes += 1
             return
         rid = self.relations.get(relation_oid)
         if rid is None:
@@ -308,7 +323,7 @@ def pull(
             pipeline.name, demand, undelivered, tuple(puller.batches), puller.taken,
             puller.transactions, advanced, slot.lag_bytes,
             skipped=None if puller.taken else "no new changes in the slot",
-            stopped_by_demand=puller.stopped,
+            stopped_by_demand=puller.stopped, echoes=puller.echoes,
             duration_s=time.monotonic() - started,
         )
     finally:

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 
 from ..errors import TransientDeliveryError
 from ..faults import NO_FAULTS, Faults
+from ..links.resolver import LinkResolver
 from ..mapping.mapper import Mapper
 from ..spec import PipelineSpec
 from ..staging.held import HeldChange, HeldStore
@@ -50,6 +51,22 @@ def wait_for_lock(state: StateStore, name: str, timeout_s: float) -> None:
 
 def target_lock(pipeline: str, target: str) -> str:
     return f"deliver:{pipeline}:{target}"
+
+
+@contextmanager
+def link_window(state: StateStore, pipeline: PipelineSpec, lock_timeout_s: float
+                ) -> Iterator[LinkResolver | None]:
+    """A two-way link's check for one window (None for other pipelines), under the link's
+    lock: the link's two directions decide one window at a time."""
+    if pipeline.link is None:
+        yield None
+        return
+    lock = f"link:{pipeline.link.name}"
+    wait_for_lock(state, lock, lock_timeout_s)
+    try:
+        yield LinkResolver(state, pipeline)
+    finally:
+        state.unlock(lock)
 
 
 class Items:
@@ -172,9 +189,11 @@ def deliver(
                 else:  # nothing is blocked: decode and map while the sink starts sending
                     live = items.staged(rows, accepted)
                 faults.hit("before_apply")
-                recorder = _Recorder(state, pipeline, target, parked, faults)
-                result = sink.apply(live, checkpoint=Checkpoint(last.last, last.batch_id),
-                                    record=recorder)
+                with link_window(state, pipeline, lock_timeout_s) as link:
+                    recorder = _Recorder(state, pipeline, target, parked, faults, link)
+                    result = sink.apply(live, checkpoint=Checkpoint(last.last, last.batch_id),
+                                        record=recorder,
+                                        resolve=link.resolve if link is not None else None)
                 n_rows = len(rows)
                 del rows, live  # freed before the collector runs again
             faults.hit("after_apply")
@@ -199,11 +218,17 @@ class _Recorder:
     """The ``record`` a sink calls for one window (see :func:`.outcomes.record_window`)."""
 
     def __init__(self, state: StateStore, pipeline: PipelineSpec, target: str,
-                 parked: list[HeldChange], faults: Faults) -> None:
+                 parked: list[HeldChange], faults: Faults, link: LinkResolver | None = None
+                 ) -> None:
         self.args = (state, pipeline, target)
         self.parked = parked
         self.faults = faults
+        self.link = link
         self.tally = Tally()
 
     def __call__(self, outcomes: list[Outcome]) -> None:
-        self.tally = record_window(*self.args, outcomes, self.parked, faults=self.faults)
+        state = self.args[0]
+        with state.conn.transaction():  # the link's decisions commit with the outcomes
+            if self.link is not None:
+                self.link.save(outcomes)
+            self.tally = record_window(*self.args, outcomes, self.parked, faults=self.faults)

@@ -20,11 +20,12 @@ import time
 from datetime import datetime, timezone
 
 from ..faults import NO_FAULTS, Faults
+from ..links.resolver import LinkResolver
 from ..spec import PipelineSpec
 from ..staging.held import HeldChange, HeldStore
 from ..staging.store import StateStore
 from ..wire.change import decode_change
-from .loop import Items, collector_paused, target_lock, wait_for_lock
+from .loop import Items, collector_paused, link_window, target_lock, wait_for_lock
 from .outcomes import Tally, record_sweep, release
 from .report import SweepReport
 from .sinks.base import Item, Outcome, Sink
@@ -60,11 +61,13 @@ def sweep(
                 it.done_subs = frozenset(
                     sub for _, _, sub in held.delivered_subs(hc.position, hc.position))
                 items.append(it)
-        recorder = _Recorder(state, pipeline, target, gone, now, faults)
         if items:
-            with collector_paused():
-                sink.apply(items, checkpoint=None, record=recorder)
+            with collector_paused(), link_window(state, pipeline, lock_timeout_s) as link:
+                recorder = _Recorder(state, pipeline, target, gone, now, faults, link)
+                sink.apply(items, checkpoint=None, record=recorder,
+                           resolve=link.resolve if link is not None else None)
         else:
+            recorder = _Recorder(state, pipeline, target, gone, now, faults)
             recorder([])
         delivered = [o.item.position for o in recorder.outcomes
                      if o.status == "delivered"]
@@ -80,13 +83,19 @@ class _Recorder:
     """The ``record`` a sink calls for one sweep (see :func:`.outcomes.record_sweep`)."""
 
     def __init__(self, state: StateStore, pipeline: PipelineSpec, target: str,
-                 gone: list[HeldChange], now: datetime, faults: Faults) -> None:
+                 gone: list[HeldChange], now: datetime, faults: Faults,
+                 link: LinkResolver | None = None) -> None:
         self.args = (state, pipeline, target)
+        self.link = link
         self.gone, self.now, self.faults = gone, now, faults
         self.outcomes: list[Outcome] = []
         self.tally = Tally()
 
     def __call__(self, outcomes: list[Outcome]) -> None:
         self.outcomes = outcomes
-        self.tally = record_sweep(*self.args, outcomes, gone=self.gone, now=self.now,
-                                  faults=self.faults)
+        state = self.args[0]
+        with state.conn.transaction():  # a link's decisions commit with the outcomes
+            if self.link is not None:
+                self.link.save(outcomes)
+            self.tally = record_sweep(*self.args, outcomes, gone=self.gone, now=self.now,
+                                      faults=self.faults)

@@ -31,6 +31,8 @@ from pydantic import (
 )
 
 from ..errors import SpecError
+from .links import LinkRole, LinkSpec
+from .links import expand as expand_links
 from .sources import HttpPollSourceSpec, RecordSpec, WebhookSourceSpec
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
@@ -481,6 +483,8 @@ class PipelineSpec(_Model):
     initial_backfill: bool = True
     """Once the slot exists, read every table that was never backfilled into the stream (the
     rows that existed before the pipeline), through ``<pipeline>_backfill_job``."""
+    link: LinkRole | None = None
+    """Set on the two pipelines a ``links:`` entry expands into (see :mod:`.links`)."""
 
     @field_validator("tables", mode="before")
     @classmethod
@@ -607,11 +611,21 @@ class SyncSpec(_Model):
     """The whole spec file."""
 
     state: StateSpec = Field(default_factory=StateSpec)
-    pipelines: dict[str, PipelineSpec]
+    pipelines: dict[str, PipelineSpec] = Field(default_factory=dict)
+    links: dict[str, LinkSpec] = Field(default_factory=dict)
+    """Two-way links; each adds its two direction pipelines to ``pipelines``."""
 
     @model_validator(mode="before")
     @classmethod
     def _name_pipelines(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("links"), dict):
+            own = data.get("pipelines") if isinstance(data.get("pipelines"), dict) else {}
+            added = expand_links(data["links"])
+            clash = sorted(set(added) & set(own))
+            if clash:
+                raise ValueError(f"pipeline(s) {', '.join(clash)} are also the name of a "
+                                 "link's direction (<link>_<side>_to_<side>); rename one")
+            data = {**data, "pipelines": {**own, **added}}
         if isinstance(data, dict) and isinstance(data.get("pipelines"), dict):
             named = {}
             for name, body in data["pipelines"].items():
@@ -624,12 +638,16 @@ class SyncSpec(_Model):
     @field_validator("pipelines")
     @classmethod
     def _pipeline_names(cls, v: dict[str, PipelineSpec]) -> dict[str, PipelineSpec]:
-        if not v:
-            raise ValueError("at least one pipeline is required")
         for name in v:
             if not _NAME.match(name):
                 raise ValueError(f"pipeline name {name!r} must match {_NAME.pattern}")
         return v
+
+    @model_validator(mode="after")
+    def _something(self) -> SyncSpec:
+        if not self.pipelines and not self.links:
+            raise ValueError("at least one pipeline (or link) is required")
+        return self
 
 
 def _message(e: Any) -> str:

@@ -224,4 +224,42 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (pipeline, table_name, key)
     );
     """,
+    # 8: two-way links — what both sides last agreed on per key, and the conflict log.
+    """
+    CREATE TABLE {schema}.link_base (
+        link        text NOT NULL,
+        table_name  text NOT NULL,
+        key         text NOT NULL,
+        row_values  jsonb,
+        set_by      text NOT NULL,
+        set_lsn     bigint NOT NULL,
+        set_seq     integer NOT NULL,
+        superseded  jsonb NOT NULL DEFAULT '{{}}',
+        held        bigint,
+        updated_at  timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (link, table_name, key)
+    );
+    CREATE TABLE {schema}.link_conflict (
+        id          bigserial PRIMARY KEY,
+        link        text NOT NULL,
+        table_name  text NOT NULL,
+        key         text NOT NULL,
+        detected_by text NOT NULL,
+        commit_lsn  bigint NOT NULL,
+        seq         integer NOT NULL,
+        versions    jsonb NOT NULL,
+        base        jsonb,
+        had_base    boolean NOT NULL,
+        policy      text NOT NULL,
+        decision    text NOT NULL,
+        reason      text NOT NULL,
+        result      jsonb,
+        status      text NOT NULL,
+        created_at  timestamptz NOT NULL DEFAULT now(),
+        resolved_at timestamptz,
+        resolution  text,
+        UNIQUE (link, detected_by, commit_lsn, seq, table_name, key)
+    );
+    CREATE INDEX link_conflict_recent ON {schema}.link_conflict (link, created_at);
+    """,
 ]

@@ -128,6 +128,9 @@ class Checkpoint:
 
 
 Record = Callable[[list[Outcome]], None]
+Resolve = Callable[[list[Item], Any], list[Item]]
+"""A two-way link's check, run inside the apply transaction with the sink's ``read_rows``:
+the items with their ops replaced by what the link decided (see :mod:`....links.resolver`)."""
 
 
 class Sink(Protocol):
@@ -147,10 +150,11 @@ class Sink(Protocol):
         ...
 
     def apply(self, items: Iterable[Item], *, checkpoint: Checkpoint | None,
-              record: Record) -> ApplyResult:
+              record: Record, resolve: Resolve | None = None) -> ApplyResult:
         """Apply ``items`` (in stream order; may be lazy) and return one outcome per item,
         having called ``record`` with them first. ``checkpoint`` is None for the retry sweep
-        (changes taken from the retry queue, not a window of the stream)."""
+        (changes taken from the retry queue, not a window of the stream). ``resolve``: a
+        two-way link's check (Postgres targets only)."""
         ...
 
     def close(self) -> None: ...

@@ -38,7 +38,7 @@ from ...mapping.mapper import Delete, TableMapper, Truncate, Upsert
 from ...spec import HttpTargetSpec, PipelineSpec
 from ...staging.held import Failure
 from ...wire.change import Position
-from .base import ApplyResult, ApplyStats, Checkpoint, Item, Outcome, Record
+from .base import ApplyResult, ApplyStats, Checkpoint, Item, Outcome, Record, Resolve
 from .http_client import Endpoint, HttpChange, HttpClient, HttpOutcome, http_change
 
 WINDOW_CHANGES = 10_000
@@ -91,7 +91,10 @@ class HttpSink:
         return table.source_table in self.endpoints
 
     def apply(self, items: Iterable[Item], *, checkpoint: Checkpoint | None,
-              record: Record) -> ApplyResult:
+              record: Record, resolve: Resolve | None = None) -> ApplyResult:
+        if resolve is not None:
+            raise TerminalDeliveryError(f"pipeline {self.pipeline!r}, target "
+                                        f"{self.target!r}: two-way links take PostgreSQL sides")
         changes: list[_Change] = []
         sent: list[tuple[_Change, int]] = []
 

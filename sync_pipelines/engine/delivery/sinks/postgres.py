@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -48,7 +48,7 @@ from ...spec import PipelineSpec, PostgresTargetSpec
 from ...staging.held import Failure
 from ...wire.change import START, Position
 from ...wire.pgtypes import TEXT_FORMAT_SETTINGS
-from .base import ApplyResult, ApplyStats, Checkpoint, Item, Outcome, Record
+from .base import ApplyResult, ApplyStats, Checkpoint, Item, Outcome, Record, Resolve
 
 Missing = tuple[str, tuple[Any, ...]]
 """A key a partial upsert found missing in the target: ``(target table, key values)``."""
@@ -76,7 +76,7 @@ class PostgresSink:
     """Applies one pipeline's changes to one PostgreSQL target."""
 
     def __init__(self, dsn: str, *, pipeline: str, target: str, spec: PostgresTargetSpec,
-                 window_changes: int = 10_000):
+                 window_changes: int = 10_000, origin: str | None = None):
         self.window_changes = window_changes  # one staged batch per target transaction
         self.pipeline = pipeline
         self.target = target
@@ -96,6 +96,8 @@ class PostgresSink:
         self._prepared: set[tuple[str, int]] = set()
         self._temps: set[str] = set()
         self._ensure_checkpoint_table()
+        if origin is not None:
+            self._set_origin(origin)
 
     def close(self) -> None:
         self.conn.close()
@@ -124,6 +126,56 @@ class PostgresSink:
         same schema or table can fail with a unique violation in the catalog."""
         self.conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext('sync_pipelines:ddl'))",
                           (0x5359,))
+
+    def _set_origin(self, origin: str) -> None:
+        """Tag every transaction of this session with a replication origin (a two-way link's
+        writes: the capture of this database drops them, so they are not sent back). One
+        session at a time may hold an origin: the target's delivery lock sees to that."""
+        with self._errors(f"setting up replication origin {origin}"):
+            with self.conn.transaction():
+                exists = self.conn.execute("SELECT 1 FROM pg_replication_origin WHERE roname = "
+                                           "%s", (origin,)).fetchone()
+            if exists is None:
+                try:
+                    with self.conn.transaction():
+                        self.conn.execute("SELECT pg_replication_origin_create(%s)", (origin,))
+                except psycopg.errors.UniqueViolation:
+                    pass  # created meanwhile by the other direction's first run
+            with self.conn.transaction():
+                self.conn.execute("SELECT pg_replication_origin_session_setup(%s)", (origin,))
+
+    def read_rows(self, table: str, columns: Sequence[str], key_columns: Sequence[str],
+                  keys: Sequence[tuple[Any, ...]]) -> tuple[dict[tuple[Any, ...], dict[str, Any]],
+                                                       int]:
+        """The target's current rows of ``keys`` (values as text), locked ``FOR UPDATE`` for
+        the rest of the transaction, and the target's current WAL position: a two-way link's
+        check before it writes (see :mod:`....links.resolver`). Inside :meth:`apply` only."""
+        types = self._load_columns(table) or {}
+        cols = list(dict.fromkeys([*key_columns, *columns]))
+        arrays = [[None if k[i] is None else str(k[i]) for k in keys]
+                  for i in range(len(key_columns))]
+        found: dict[tuple[Any, ...], dict[str, Any]] = {}
+        if keys:
+            rows = self.conn.execute(sql.SQL(
+                "SELECT {cols} FROM {t} WHERE ({keys}) IN (SELECT {casts} FROM unnest({arrs}) "
+                "AS u({names})) ORDER BY {keys} FOR UPDATE").format(
+                cols=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c))
+                                        for c in cols),
+                t=_ident(table),
+                keys=sql.SQL(", ").join(map(sql.Identifier, key_columns)),
+                casts=sql.SQL(", ").join(
+                    sql.SQL("u.{}::" + types.get(c, "text")).format(sql.Identifier(c))
+                    for c in key_columns),
+                arrs=sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in key_columns),
+                names=sql.SQL(", ").join(map(sql.Identifier, key_columns))),
+                arrays).fetchall()
+            n = len(key_columns)
+            for r in rows:
+                found[tuple(r[:n])] = dict(zip(cols, r, strict=True))
+        row = self.conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+        assert row is not None
+        return {k: {c: v for c, v in r.items() if c in columns or c in key_columns}
+                for k, r in found.items()}, int(row[0])
 
     def checkpoint(self) -> Position:
         """The position of the last change applied to this target (authoritative)."""
@@ -205,25 +257,28 @@ class PostgresSink:
     # -- apply -------------------------------------------------------------------------------
 
     def apply(self, items: Iterable[Item], *, checkpoint: Checkpoint | None,
-              record: Record) -> ApplyResult:
+              record: Record, resolve: Resolve | None = None) -> ApplyResult:
         """Apply a window in one target transaction that also moves the checkpoint.
 
         First in bulk (compacted per key: one statement per table and kind). If a change is
         refused for good (constraint or data error), the window is applied again change by
         change, each in a savepoint: the refused change is ``dead``, the later changes of its
         key are ``parked``, the rest is applied. The retry sweep (no checkpoint) always goes
-        change by change. ``record`` runs inside the transaction, before the commit."""
+        change by change. ``record`` runs inside the transaction, before the commit; so does
+        ``resolve`` (a two-way link's check), first, with :meth:`read_rows`."""
         batch = list(items)
         if checkpoint is not None:
             try:
-                return self._apply_bulk(batch, checkpoint, record)
+                return self._apply_bulk(batch, checkpoint, record, resolve)
             except TerminalDeliveryError:
                 pass  # some change is refused for good: find it, change by change
-        return self._apply_isolated(batch, checkpoint, record)
+        return self._apply_isolated(batch, checkpoint, record, resolve)
 
-    def _apply_bulk(self, items: list[Item], checkpoint: Checkpoint, record: Record
-                    ) -> ApplyResult:
+    def _apply_bulk(self, items: list[Item], checkpoint: Checkpoint, record: Record,
+                    resolve: Resolve | None = None) -> ApplyResult:
         with self._errors(f"applying batch {checkpoint.batch_id}"), self.conn.transaction():
+            if resolve is not None:
+                items = resolve(items, self.read_rows)
             stats, missing = self._apply_ops([op for it in items for op in it.ops])
             self._write_checkpoint(checkpoint.position, checkpoint.batch_id)
             outcomes = _with_refetch([Outcome(it, "delivered") for it in items], missing)
@@ -231,11 +286,13 @@ class PostgresSink:
         return ApplyResult(outcomes, stats)
 
     def _apply_isolated(self, items: list[Item], checkpoint: Checkpoint | None,
-                        record: Record) -> ApplyResult:
+                        record: Record, resolve: Resolve | None = None) -> ApplyResult:
         stats = ApplyStats()
         outcomes: list[Outcome] = []
         failed: dict[str, Failure] = {}
         with self._errors("applying changes one by one"), self.conn.transaction():
+            if resolve is not None:
+                items = resolve(items, self.read_rows)
             for it in items:
                 key = it.key
                 if key in failed:
@@ -506,4 +563,5 @@ def open_postgres_sink(pipeline: PipelineSpec, target: str) -> PostgresSink:
     assert isinstance(tspec, PostgresTargetSpec)
     dsn = tspec.resolve(f"pipeline {pipeline.name!r}: target {target!r}")
     return PostgresSink(dsn, pipeline=pipeline.name, target=target, spec=tspec,
-                        window_changes=pipeline.policy.batch_size)
+                        window_changes=pipeline.policy.batch_size,
+                        origin=pipeline.link.origin if pipeline.link is not None else None)
