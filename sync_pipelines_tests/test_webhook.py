@@ -73,8 +73,11 @@ def item(i, version, **kw):
     return {"id": i, "version": version, "qty": kw.get("qty", 1), "note": kw.get("note", "n")}
 
 
-OLD = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=6)
-NEW = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=6)
+def minutes_off(m: int) -> dt.datetime:
+    """Now plus ``m`` minutes, when the request is made (not when this module was imported)."""
+    return dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=m)
+
+
 BODY = event("item.updated", item(1, 1))
 
 # (what the sender does, expected status, words in the error). Nothing may be staged for any.
@@ -84,8 +87,8 @@ REFUSED = [
     # a body changed after signing
     (lambda: (BODY.replace('"qty":1', '"qty":9'), sign(SECRET, "w1", BODY)), 401, "signature"),
     # a timestamp six minutes old, or six minutes ahead
-    (lambda: (BODY, sign(SECRET, "w1", BODY, OLD)), 401, "too old"),
-    (lambda: (BODY, sign(SECRET, "w1", BODY, NEW)), 401, "too new"),
+    (lambda: (BODY, sign(SECRET, "w1", BODY, minutes_off(-6))), 401, "too old"),
+    (lambda: (BODY, sign(SECRET, "w1", BODY, minutes_off(6))), 401, "too new"),
     # no signature headers at all
     (lambda: (BODY, {"content-type": "application/json"}), 401, "missing header(s)"),
     # a body over max_body_bytes (4096)
