@@ -13,6 +13,7 @@ import dagster as dg
 
 from sync_pipelines.defs.failures import build_failure_defs
 from sync_pipelines.defs.health import build_health_defs
+from sync_pipelines.defs.links import build_link_defs
 from sync_pipelines.defs.pipelines import build_pipeline_defs
 from sync_pipelines.defs.reconcile import build_reconcile_defs
 from sync_pipelines.defs.resources import SyncEngine
@@ -25,7 +26,12 @@ def build_definitions(spec_path: str) -> dg.Definitions:
     except SpecError as err:
         # Re-raised without the engine's traceback: the message is the whole story.
         raise SpecError(str(err)) from None
+    links: dict[str, list] = {}
+    for p in spec.pipelines.values():
+        if p.link is not None:
+            links.setdefault(p.link.name, []).append(p)
     return dg.Definitions.merge(
+        *(build_link_defs(name, directions) for name, directions in links.items()),
         *(build_pipeline_defs(p) for p in spec.pipelines.values()),
         *(build_failure_defs(p) for p in spec.pipelines.values()),
         *(build_health_defs(p) for p in spec.pipelines.values()),

@@ -43,8 +43,8 @@ ROUND = st.fixed_dictionaries({
 def apply_op(dsn: str, name_col: str, op: tuple[str, int, int]) -> None:
     kind, k, v = op
     if kind == "insert":
-        execute(dsn, f"INSERT INTO accounts (id, {name_col}, balance) VALUES ({k}, 'n{v}', {v}) "
-                     "ON CONFLICT (id) DO NOTHING")
+        execute(dsn, f"INSERT INTO accounts (id, {name_col}, balance) "  # noqa: S608
+                     f"VALUES ({k}, 'n{v}', {v}) ON CONFLICT (id) DO NOTHING")
     elif kind == "update":
         execute(dsn, f"UPDATE accounts SET balance = {v} WHERE id = {k}")  # noqa: S608
     elif kind == "rename":

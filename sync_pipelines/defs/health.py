@@ -40,6 +40,7 @@ TARGET_CHECKS = {
     "retry_queue": "Changes held for retry (or parked behind one) for this target.",
     "dead_letters": "Unresolved dead letters for this target.",
 }
+CONFLICT_COLUMNS = ("id", "table", "key", "decision", "reason", "status", "created_at")
 HELD_COLUMNS = ("table", "key", "commit_lsn", "seq", "op", "attempts", "next_attempt_at",
                 "last_status", "last_error", "held_since")
 DEAD_COLUMNS = ("id", "table", "key", "commit_lsn", "seq", "op", "attempts", "last_status",
@@ -130,11 +131,42 @@ def target_evaluations(pipeline: PipelineSpec, h: TargetHealth) -> list[Evaluati
     ]
 
 
+def conflict_evaluation(pipeline: PipelineSpec, counts: dict[str, int],
+                        latest: list[Any]) -> Evaluation:
+    """A link direction's ``conflicts``: those it decided in the last day, and every key held
+    for an operator (any held key warns at least: it waits for a person)."""
+    link = pipeline.link
+    assert link is not None
+    key = delivered_key(pipeline.name, next(iter(pipeline.targets)))
+    recent = counts["decided"] + counts["held"]
+    grades = [_grade(recent + counts["held_total"], link.conflict_warn, link.conflict_error)]
+    if counts["held_total"]:
+        grades.append((False, dg.AssetCheckSeverity.WARN))
+    rows = [{"id": c.id, "table": c.table, "key": c.key, "decision": c.decision,
+             "reason": c.reason, "status": c.status, "created_at": str(c.created_at)}
+            for c in latest]
+    metadata: dict[str, Any] = {
+        "decided_last_day": counts["decided"], "held": counts["held_total"],
+        "resolved_last_day": counts["resolved"], "latest": _table(rows, CONFLICT_COLUMNS)}
+    if counts["held_total"]:
+        metadata["next_step"] = dg.MetadataValue.text(
+            f"{counts['held_total']} key(s) held: resolve them with {link.name}_conflicts_job "
+            "(take a side, or give values)")
+    return (key, "conflicts", *_worst(*grades), metadata)
+
+
 def evaluate(sync: SyncEngine, pipeline: PipelineSpec) -> list[Evaluation]:
     spec = sync.spec()
-    return [slot_evaluation(pipeline, engine.slot_health(spec, pipeline.name)),
-            *(e for h in engine.target_health(spec, pipeline.name)
-              for e in target_evaluations(pipeline, h))]
+    out = [slot_evaluation(pipeline, engine.slot_health(spec, pipeline.name)),
+           *(e for h in engine.target_health(spec, pipeline.name)
+             for e in target_evaluations(pipeline, h))]
+    if pipeline.link is not None:
+        out.append(conflict_evaluation(
+            pipeline, engine.link_conflict_counts(spec, pipeline.link.name,
+                                                  detected_by=pipeline.name),
+            engine.link_conflicts(spec, pipeline.link.name, detected_by=pipeline.name,
+                                  limit=20)))
+    return out
 
 
 def _latest_materialization(instance: dg.DagsterInstance, key: dg.AssetKey
@@ -184,6 +216,11 @@ def build_health_defs(pipeline: PipelineSpec) -> dg.Definitions:
         "moved past a heartbeat, and whether it was lost (then: the recovery job).")]
     specs += [dg.AssetCheckSpec(name, asset=delivered_key(p, t), description=text)
               for t in pipeline.targets for name, text in TARGET_CHECKS.items()]
+    if pipeline.link is not None:
+        specs.append(dg.AssetCheckSpec(
+            "conflicts", asset=delivered_key(p, next(iter(pipeline.targets))),
+            description=f"Conflicts this direction of link {pipeline.link.name} decided in the "
+            "last day, and keys held for an operator (the latest as a table)."))
 
     @dg.multi_asset_check(name=f"{p}_health", specs=specs, can_subset=True,
                           description=f"Standing health of pipeline {p}.")

@@ -96,7 +96,10 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
     p = pipeline.name
     kind = pipeline.source.kind
     how = {"postgres": f"captured through publication {pipeline.publication} and slot "
-                       f"{pipeline.slot}",
+                       f"{pipeline.slot}" + (
+                           f"; one direction of two-way link {pipeline.link.name} "
+                           f"({pipeline.link.source_side} → {pipeline.link.target_side}), the "
+                           "link's own writes dropped" if pipeline.link is not None else ""),
            "webhook": "pushed by signed webhooks to the receiver (sync-pipelines serve)",
            "http_poll": "polled from the API's list endpoints"}[kind]
     source = dg.AssetSpec(

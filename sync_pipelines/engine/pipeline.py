@@ -145,16 +145,19 @@ def webhooks_received(spec: SyncSpec, name: str, after_batch: int) -> Received:
 
 
 def link_conflicts(spec: SyncSpec, link: str, *, status: str | None = None,
-                   limit: int = 50) -> list[ConflictRecord]:
-    """A link's logged conflicts, newest first (``status``: held, decided or resolved)."""
+                   detected_by: str | None = None, limit: int = 50) -> list[ConflictRecord]:
+    """A link's logged conflicts, newest first (``status``: held, decided or resolved;
+    ``detected_by``: one direction's pipeline)."""
     with open_state(spec) as state:
-        return LinkStore(state, link).conflicts(status=status, limit=limit)
+        return LinkStore(state, link).conflicts(status=status, detected_by=detected_by,
+                                                limit=limit)
 
 
-def link_conflict_counts(spec: SyncSpec, link: str, since_hours: float = 24.0) -> dict[str, int]:
+def link_conflict_counts(spec: SyncSpec, link: str, since_hours: float = 24.0, *,
+                         detected_by: str | None = None) -> dict[str, int]:
     """Conflicts of the last ``since_hours`` by status, and every held one (``held_total``)."""
     with open_state(spec) as state:
-        return LinkStore(state, link).counts(since_hours)
+        return LinkStore(state, link).counts(since_hours, detected_by)
 
 
 def resolve_link_conflict(spec: SyncSpec, link: str, conflict_id: int, *,

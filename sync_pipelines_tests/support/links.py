@@ -49,7 +49,8 @@ def link_spec(monkeypatch: Any, a_dsn: str, b_dsn: str, state_dsn: str, *,
     spec = parse_spec({
         "state": {"dsn_env": "L_STATE_DSN"},
         "links": {name: {
-            "sides": {"crm": {"dsn_env": "L_A_DSN"}, "billing": {"dsn_env": "L_B_DSN"}},
+            "sides": [{"name": "crm", "dsn_env": "L_A_DSN"},
+                      {"name": "billing", "dsn_env": "L_B_DSN"}],
             "tables": {"accounts": {"columns": {"name": "title"}, "conflict": conflict or {
                 "policy": "last_writer_wins", "timestamp": "updated_at", "priority": "crm"}}},
             "policy": policy or {},

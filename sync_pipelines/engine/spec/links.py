@@ -1,17 +1,19 @@
 """Two-way links: two PostgreSQL databases kept in sync both ways, with a conflict policy.
 
-A link under ``links:`` names its two **sides** and, per table, its name on each side, the
-column renames between them and the conflict policy. It expands into two ordinary pipelines,
-``<link>_<a>_to_<b>`` and ``<link>_<b>_to_<a>`` (so each direction has its own slot, runs,
-assets and checks, and the asset graph stays acyclic), each carrying a :class:`LinkRole` that
-the delivery path reads: where the link writes, under which replication origin, and how a
-conflict is decided. See :mod:`...links` for what happens to a change of a linked table.
+A link under ``links:`` lists its two **sides** (a name and a DSN variable each) and, per
+table, its name on each side, the column renames between them and the conflict policy. It
+expands into two ordinary pipelines, ``<link>_<a>_to_<b>`` and ``<link>_<b>_to_<a>``: each
+direction has its own slot, runs, assets and checks, and the asset graph stays acyclic. Each
+carries a :class:`LinkRole` that the delivery path reads: where the link writes, under which
+replication origin, and how a conflict is decided. See :mod:`...links` for what happens to a
+change of a linked table.
 
 Validation names the link, the table and the field, like the rest of the spec.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -58,6 +60,8 @@ class LinkTableSpec(_Model):
 
 
 class LinkSideSpec(_Model):
+    name: str
+    """How the side is called (direction pipelines and targets are named after it)."""
     dsn_env: str
     """Environment variable with the side's DSN (it is both a source and a target)."""
     publication: str | None = None
@@ -67,8 +71,8 @@ class LinkSideSpec(_Model):
 class LinkSpec(_Model):
     """Two PostgreSQL databases kept in sync both ways."""
 
-    sides: dict[str, LinkSideSpec]
-    """Exactly two, by name; the first is the one the table names and columns refer to."""
+    sides: list[LinkSideSpec]
+    """Exactly two; table names and columns are the first one's."""
     tables: dict[str, LinkTableSpec]
     policy: dict[str, Any] = Field(default_factory=dict)
     """The pipeline policy (batch size, budget, retries) of both directions."""
@@ -80,9 +84,14 @@ class LinkSpec(_Model):
 
     @field_validator("sides")
     @classmethod
-    def _two(cls, v: dict[str, LinkSideSpec]) -> dict[str, LinkSideSpec]:
+    def _two(cls, v: list[LinkSideSpec]) -> list[LinkSideSpec]:
         if len(v) != 2:
-            raise ValueError(f"a link has exactly two sides, got {len(v)}: {', '.join(v)}")
+            raise ValueError(f"a link has exactly two sides, got {len(v)}")
+        if v[0].name == v[1].name:
+            raise ValueError(f"the two sides have the same name {v[0].name!r}")
+        for side in v:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", side.name):
+                raise ValueError(f"side name {side.name!r} must match [a-z][a-z0-9_]*")
         return v
 
     @field_validator("tables", mode="before")
@@ -96,7 +105,7 @@ class LinkSpec(_Model):
 
     @model_validator(mode="after")
     def _policies(self) -> LinkSpec:
-        names = list(self.sides)
+        names = [s.name for s in self.sides]
         for table, t in self.tables.items():
             c = t.conflict
             if c.priority is not None and c.priority not in names:
@@ -112,8 +121,10 @@ class LinkSpec(_Model):
 
     @property
     def side_names(self) -> tuple[str, str]:
-        a, b = self.sides
-        return a, b
+        return self.sides[0].name, self.sides[1].name
+
+    def side(self, name: str) -> LinkSideSpec:
+        return next(s for s in self.sides if s.name == name)
 
 
 def _qualify(name: str) -> str:
@@ -148,7 +159,7 @@ def expand(links: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 else:
                     tables[other] = {"target_table": table,
                                      "columns": {v: k for k, v in t.columns.items()}}
-            side = link.sides[src]
+            side = link.side(src)
             source: dict[str, Any] = {"dsn_env": side.dsn_env}
             if side.publication:
                 source["publication"] = side.publication
@@ -156,7 +167,7 @@ def expand(links: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 source["slot"] = side.slot
             out[direction_name(name, src, dst)] = {
                 "source": source, "tables": tables,
-                "targets": {dst: {"kind": "postgres", "dsn_env": link.sides[dst].dsn_env,
+                "targets": {dst: {"kind": "postgres", "dsn_env": link.side(dst).dsn_env,
                                   "create_tables": False}},
                 "policy": link.policy, "initial_backfill": False,
                 "link": {"name": name, "source_side": src, "target_side": dst,

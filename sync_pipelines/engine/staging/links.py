@@ -125,21 +125,26 @@ class LinkStore:
             (self.link, conflict_id)).fetchone()
         return _conflict(row) if row else None
 
-    def conflicts(self, *, status: str | None = None, limit: int = 50) -> list[ConflictRecord]:
+    def conflicts(self, *, status: str | None = None, detected_by: str | None = None,
+                  limit: int = 50) -> list[ConflictRecord]:
         rows = self.conn.execute(self.state._q(
             "SELECT table_name, key, detected_by, commit_lsn, seq, versions, base, had_base, "
             "policy, decision, reason, result, status, id, created_at, resolved_at, resolution "
             "FROM {schema}.link_conflict WHERE link = %s "
-            "AND (%s::text IS NULL OR status = %s) ORDER BY id DESC LIMIT %s"),
-            (self.link, status, status, limit)).fetchall()
+            "AND (%s::text IS NULL OR status = %s) AND (%s::text IS NULL OR detected_by = %s) "
+            "ORDER BY id DESC LIMIT %s"),
+            (self.link, status, status, detected_by, detected_by, limit)).fetchall()
         return [_conflict(r) for r in rows]
 
-    def counts(self, since_hours: float = 24.0) -> dict[str, int]:
-        """Conflicts logged in the last ``since_hours`` by status, and every held one."""
+    def counts(self, since_hours: float = 24.0, detected_by: str | None = None
+               ) -> dict[str, int]:
+        """Conflicts logged in the last ``since_hours`` by status (of one direction, if
+        ``detected_by``), and every key held now (``held_total``, either direction)."""
         rows = self.conn.execute(self.state._q(
             "SELECT status, count(*) FILTER (WHERE created_at > now() - make_interval("
-            "secs => %s)), count(*) FROM {schema}.link_conflict WHERE link = %s "
-            "GROUP BY status"), (since_hours * 3600, self.link)).fetchall()
+            "secs => %s) AND (%s::text IS NULL OR detected_by = %s)), count(*) "
+            "FROM {schema}.link_conflict WHERE link = %s GROUP BY status"),
+            (since_hours * 3600, detected_by, detected_by, self.link)).fetchall()
         out = {"decided": 0, "held": 0, "resolved": 0, "held_total": 0}
         for status, recent, total in rows:
             out[status] = int(recent)
