@@ -116,6 +116,7 @@ def prepare_environment(home: Path, spec: Path) -> EmbeddedPostgres:
         ensure_database(pg.uri, name)
     source = pg.dsn(DATABASES["source"])
     generator.apply_schema(source)
+    generator.apply_reporting_schema(pg.dsn(DATABASES["target"]))
     dagster_home = home / "dagster"
     dagster_home.mkdir(exist_ok=True)
     shutil.copyfile(_repo_file("dagster.yaml"), dagster_home / "dagster.yaml")
@@ -133,7 +134,8 @@ def prepare_environment(home: Path, spec: Path) -> EmbeddedPostgres:
     for name in spec_model.pipelines:
         pull_pipeline(spec_model, name)
     if generator.seed(source):
-        print("seeded the demo CRM (customers, contacts, deals)")
+        generator.seed_tasks(source)
+        print("seeded the demo CRM (customers, contacts, deals, tasks)")
     return pg
 
 
@@ -155,13 +157,16 @@ def smoke(spec_path: Path, crm: CrmServer) -> int:
     for name, pipeline in spec.pipelines.items():
         sensor = defs.resolve_sensor_def(f"{name}_replication_sensor")
         kind = pipeline.source.kind
-        if kind == "postgres":
+        if kind == "postgres" and pipeline.link is None:
             gen = ChangeGenerator(os.environ["SYNC_SOURCE_DSN"], rate=200, seed_value=1)
             gen.start()
             time.sleep(2)
             gen.stop()
             gen.join()
             print(f"{name}: generated {gen.transactions} CRM transactions")
+        if pipeline.link is not None:  # an edit on this direction's side of the link
+            _edit_task(pipeline, first=name.endswith(f"_{pipeline.link.first_side}_to_"
+                                                     f"{pipeline.link.target_side}"))
         elif kind == "webhook":  # what the crm pipeline wrote to the CRM API, pushed back
             sent, stats = _webhooks_sent(crm)
             if not sent:
@@ -172,14 +177,15 @@ def smoke(spec_path: Path, crm: CrmServer) -> int:
         if not runs:
             print(f"{name}: the sensor requested no delivery run")
             return 1
-        drift = (engine.compare_tables(spec, name) + _crm_drift(spec, name)
+        drift = (_link_drift() if pipeline.link is not None
+                 else engine.compare_tables(spec, name) + _crm_drift(spec, name)
                  if kind == "postgres" else _api_drift(spec, name, crm))
         if drift:
             print(f"{name}: target differs from source: {drift}")
             return 1
         print(f"{name}: target matches source after {runs} delivery run(s)")
-        if kind != "postgres":
-            continue  # reconciliation reads a SQL source
+        if kind != "postgres" or pipeline.link is not None:
+            continue  # reconciliation reads a SQL source into one-way targets
         # The day's reconciliation, as its schedule runs it once the day has ended: today's
         # partition (the demo's rows changed today; a new pipeline has no earlier day).
         today = datetime.now(ZoneInfo(pipeline.reconcile.timezone)).strftime("%Y-%m-%d")
@@ -198,6 +204,30 @@ def smoke(spec_path: Path, crm: CrmServer) -> int:
             return 1
         print(f"{name}: reconciliation for {today}: {compared} rows compared, no drift")
     return 0
+
+
+def _edit_task(pipeline: Any, *, first: bool) -> None:
+    """Rename a task on the side this link direction reads."""
+    import psycopg
+
+    assert pipeline.link is not None
+    dsn = os.environ[pipeline.postgres_source.dsn_env]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE tasks SET title = title || %s, updated_at = now() WHERE id = %s",
+                     (f" (edited in {pipeline.link.source_side})", 1 if first else 2))
+
+
+def _link_drift() -> list[str]:
+    """The demo link's two sides, row by row."""
+    import psycopg
+
+    sides = []
+    for env in ("SYNC_SOURCE_DSN", "SYNC_TARGET_DSN"):
+        with psycopg.connect(os.environ[env]) as conn:
+            sides.append(conn.execute("SELECT id, title, status, assignee, updated_at FROM tasks "
+                                      "ORDER BY id").fetchall())
+    return [] if sides[0] == sides[1] else [
+        f"tasks differ: {len(sides[0])} rows in crm, {len(sides[1])} in reporting"]
 
 
 def _webhooks_sent(crm: CrmServer, timeout_s: float = 60.0) -> tuple[int, dict[str, Any]]:

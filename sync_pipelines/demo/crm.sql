@@ -31,3 +31,11 @@ CREATE TABLE IF NOT EXISTS deals (
     properties  jsonb NOT NULL DEFAULT '{}',
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
+-- Tasks are edited in both the CRM and the reporting database: the two-way link `tasks`.
+CREATE TABLE IF NOT EXISTS tasks (
+    id          int PRIMARY KEY,
+    title       text NOT NULL,
+    status      text NOT NULL DEFAULT 'open',
+    assignee    text,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);

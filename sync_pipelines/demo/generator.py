@@ -27,6 +27,25 @@ def apply_schema(dsn: str) -> None:
         conn.execute(ddl)
 
 
+TASKS_DDL = """CREATE TABLE IF NOT EXISTS tasks (
+    id int PRIMARY KEY, title text NOT NULL, status text NOT NULL DEFAULT 'open',
+    assignee text, updated_at timestamptz NOT NULL DEFAULT now())"""
+
+
+def apply_reporting_schema(dsn: str) -> None:
+    """The reporting database's side of the two-way link ``tasks``."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(TASKS_DDL)
+
+
+def seed_tasks(dsn: str) -> None:
+    """A few tasks in the CRM (the link brings them to reporting)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO tasks (id, title, assignee) SELECT g, 'Call customer ' || g, "
+                     "(ARRAY['ana', 'ben', 'chloe'])[1 + g % 3] FROM generate_series(1, 20) g "
+                     "ON CONFLICT (id) DO NOTHING")
+
+
 def seed(dsn: str, customers: int = 200) -> bool:
     """Fill an empty CRM; returns False if it already had data."""
     with psycopg.connect(dsn) as conn:
