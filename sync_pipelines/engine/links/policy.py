@@ -20,8 +20,6 @@ agreed on (``None`` deleted, :data:`NO_BASE` never agreed: an insert on both sid
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,14 +35,6 @@ class _NoBase:
 
 NO_BASE: Any = _NoBase()
 """The sides never agreed on this key (it was inserted on both)."""
-
-
-def row_hash(row: Row | None) -> str:
-    """A version's identity: the same values give the same hash, whatever the column order."""
-    if row is None:
-        return "deleted"
-    text = json.dumps(sorted(row.items()), separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from ..spec import PipelineSpec
 from ..spec.links import LinkRole
 from ..staging.links import BaseRow, ConflictRecord, LinkStore, key_text
 from ..staging.store import StateStore
-from .policy import NO_BASE, decide, row_hash
+from .policy import NO_BASE, decide
 
 Key = tuple[Any, ...]
 ReadRows = Callable[[str, Sequence[str], Sequence[str], Sequence[Key]],
@@ -71,7 +71,6 @@ class LinkResolver:
         self._keys_of.clear()
         by_table: dict[str, tuple[Item, set[Key]]] = {}
         for it in items:
-            _ = it.key  # worked out from the ops it came with, before they are replaced
             for op in it.ops:
                 if isinstance(op, (Upsert, Delete)):
                     by_table.setdefault(op.table, (it, set()))[1].add(tuple(op.key))
@@ -87,7 +86,10 @@ class LinkResolver:
             wal[table] = lsn
             bases[table] = self.store.bases(first, [key_text(k) for k in keys])
         for it in items:
-            it.ops = [out for op in it.ops for out in self._one(it, op, current, bases, wal)]
+            ops = [out for op in it.ops for out in self._one(it, op, current, bases, wal)]
+            if not ops:
+                _ = it.key  # its key comes from the ops it came with: worked out before
+            it.ops = ops
         return items
 
     def _one(self, it: Item, op: TargetOp, current: dict[str, dict[Key, Any]],
@@ -117,7 +119,7 @@ class LinkResolver:
 
         def write(row: dict[str, Any] | None) -> list[TargetOp]:
             current[op.table][key] = row
-            if row_hash(row) == row_hash(y):
+            if row == y:  # versions are equal when every column's text is
                 return []
             if row is None:
                 return [Delete(op.table, key, op.position)]
@@ -134,11 +136,11 @@ class LinkResolver:
             self.stats["superseded"] += 1  # rule 3
             agreed(b.row)
             return write(b.row)
-        if row_hash(v) == row_hash(y):  # rule 4
+        if v == y:  # rule 4
             agreed(v)
             current[op.table][key] = v
             return []
-        if (b is None and y is None) or (b is not None and row_hash(b.row) == row_hash(y)):
+        if (b is None and y is None) or (b is not None and b.row == y):
             agreed(v)  # rule 5
             current[op.table][key] = v
             return [op] if not (isinstance(op, Upsert) and op.partial) else write(v)

@@ -17,6 +17,7 @@ transaction, before the target commits (see :mod:`...links.resolver`).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -96,18 +97,30 @@ class LinkStore:
             assert row is not None
             c.id = int(row[0])
             ids[(c.table, c.key)] = c.id
-        with self.conn.cursor() as cur:
-            cur.executemany(self.state._q(
-                "INSERT INTO {schema}.link_base (link, table_name, key, row_values, set_by, "
-                "set_lsn, set_seq, superseded, held) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (link, table_name, key) DO UPDATE SET row_values = "
-                "EXCLUDED.row_values, set_by = EXCLUDED.set_by, set_lsn = EXCLUDED.set_lsn, "
-                "set_seq = EXCLUDED.set_seq, superseded = EXCLUDED.superseded, "
-                "held = EXCLUDED.held, updated_at = now()"),
-                [(self.link, b.table, b.key, Jsonb(b.row) if b.row is not None else None,
-                  b.set_by, b.set_lsn, b.set_seq, Jsonb(b.superseded),
-                  ids.get((b.table, b.key), b.held) if b.held is not None else None)
-                 for b in bases])
+        rows = [(b.table, b.key, None if b.row is None else json.dumps(b.row), b.set_by,
+                 b.set_lsn, b.set_seq, json.dumps(b.superseded),
+                 ids.get((b.table, b.key), b.held) if b.held is not None else None)
+                for b in bases]
+        if not rows:
+            return
+        # COPY into a temp table, then one upsert: a window writes a base per key it moved.
+        self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS _sync_link_base (table_name text, "
+                          "key text, row_values jsonb, set_by text, set_lsn bigint, "
+                          "set_seq integer, superseded jsonb, held bigint) "
+                          "ON COMMIT DELETE ROWS")
+        with self.conn.cursor() as cur, cur.copy(
+                "COPY _sync_link_base FROM STDIN") as copy:
+            for r in rows:
+                copy.write_row(r)
+        self.conn.execute(self.state._q(
+            "INSERT INTO {schema}.link_base AS b (link, table_name, key, row_values, set_by, "
+            "set_lsn, set_seq, superseded, held) SELECT %s, table_name, key, row_values, "
+            "set_by, set_lsn, set_seq, superseded, held FROM _sync_link_base "
+            "ON CONFLICT (link, table_name, key) DO UPDATE SET row_values = "
+            "EXCLUDED.row_values, set_by = EXCLUDED.set_by, set_lsn = EXCLUDED.set_lsn, "
+            "set_seq = EXCLUDED.set_seq, superseded = EXCLUDED.superseded, "
+            "held = EXCLUDED.held, updated_at = now()"), (self.link,))
+        self.conn.execute("TRUNCATE _sync_link_base")  # several saves in one transaction
 
     def absorb(self, conflict_id: int, side: str, version: dict[str, Any] | None) -> None:
         """A change of a held key: its side's version in the conflict becomes this one (the
@@ -160,6 +173,13 @@ class LinkStore:
             (Jsonb(result) if result is not None else None, resolution, self.link, conflict_id))
 
 
+_PLAIN = re.compile(r'[^"\\\x00-\x1f\x7f-\uffff]*')
+
+
 def key_text(key: Sequence[Any]) -> str:
-    """A key as stored: the JSON array of its text values."""
-    return json.dumps([None if v is None else str(v) for v in key])
+    """A key as stored: the JSON array of its text values (written directly when no value
+    needs escaping, the common case: this runs for every change of a link)."""
+    texts = [None if v is None else str(v) for v in key]
+    if all(t is not None and _PLAIN.fullmatch(t) for t in texts):
+        return '["' + '", "'.join(texts) + '"]'  # type: ignore[arg-type]
+    return json.dumps(texts)
