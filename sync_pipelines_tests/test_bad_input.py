@@ -143,6 +143,36 @@ SPEC_CASES = [
                                        "contacts": {"target_table": "crm.people"}}),
                  ["tables public.customers and public.contacts both map to target table "
                   "crm.people"], id="two-tables-one-target"),
+    # two-way links: exactly two sides, distinct names, a timestamp for last_writer_wins,
+    # a priority that is one of the sides, and a direction name no pipeline already has
+    pytest.param({"links": {"acct": {"sides": [{"name": "crm", "dsn_env": "A"}],
+                                     "tables": ["accounts"]}}},
+                 ["links.acct.sides:", "exactly two sides, got 1"], id="link-one-side"),
+    pytest.param({"links": {"acct": {"sides": [{"name": "crm", "dsn_env": "A"},
+                                               {"name": "crm", "dsn_env": "B"}],
+                                     "tables": ["accounts"]}}},
+                 ["links.acct.sides:", "the same name 'crm'"], id="link-same-names"),
+    pytest.param({"links": {"acct": {"sides": [{"name": "crm", "dsn_env": "A"},
+                                               {"name": "erp", "dsn_env": "B"}],
+                                     "tables": {"accounts": {"conflict": {
+                                         "policy": "last_writer_wins"}}}}}},
+                 ["links.acct:", "last_writer_wins needs `timestamp:`"], id="link-no-timestamp"),
+    pytest.param({"links": {"acct": {"sides": [{"name": "crm", "dsn_env": "A"},
+                                               {"name": "erp", "dsn_env": "B"}],
+                                     "tables": {"accounts": {"conflict": {
+                                         "policy": "source_priority", "priority": "sap"}}}}}},
+                 ["'sap' is not a side of this link (crm, erp)"], id="link-bad-priority"),
+    pytest.param({"links": {"acct": {"sides": [{"name": "crm", "dsn_env": "A"},
+                                               {"name": "erp", "dsn_env": "B"}],
+                                     "tables": {"accounts": {"conflict": {
+                                         "policy": "newest"}}}}}},
+                 ["links.acct.tables.public.accounts.conflict.policy:"], id="link-bad-policy"),
+    pytest.param({"pipelines": {"acct_crm_to_erp": {"tables": ["x"], "targets": {"r": {}}}},
+                  "links": {"acct": {"sides": [{"name": "crm", "dsn_env": "A"},
+                                               {"name": "erp", "dsn_env": "B"}],
+                                     "tables": {"accounts": {"conflict": {
+                                         "policy": "source_priority"}}}}}},
+                 ["acct_crm_to_erp are also the name of a link's direction"], id="link-clash"),
 ]
 
 # (YAML text with a key given twice, the line of its second and first occurrence)
