@@ -51,7 +51,7 @@ def get_path(obj: Any, path: str | tuple[str, ...]) -> Any:
 _BOOL_TEXT = {"true": "t", "t": "t", "false": "f", "f": "f"}
 
 
-def _text(table: str, name: str, f: FieldSpec, v: Any) -> str | None:
+def field_text(table: str, name: str, f: FieldSpec, v: Any) -> str | None:
     """A JSON value as PostgreSQL text of the field's type."""
     t = f.type
     if t == "text" and isinstance(v, str):
@@ -134,7 +134,7 @@ class RecordType:
         if not isinstance(record, dict):
             raise RecordError(f"{self.table}: expected a JSON object, got "
                               f"{type(record).__name__}")
-        values = [_text(self.table, n, f, get_path(record, parts))
+        values = [field_text(self.table, n, f, get_path(record, parts))
                   for n, f, parts in self._fields]
         key = tuple(values[i] for i in self.key_idx)
         for name, v in zip(self.spec.key, key, strict=True):

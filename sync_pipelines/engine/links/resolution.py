@@ -10,6 +10,11 @@ their WAL position of the write, so changes made while the key was held, still o
 do not undo it — releases the key and marks the conflict resolved. Later changes of the key
 flow as usual, after it.
 
+An HTTP API side gets the version by its ``upsert`` (or ``delete``) request, with an
+idempotency key of the resolution (a retried resolution is recognised by the API); the write
+goes into the echo ledger so its webhook or poll is not taken for an edit, and the API side is
+weighed up to its latest version in the conflict.
+
 A crash before the state transaction leaves the conflict held with one or both sides already
 showing the version; resolving again writes the same and finishes. Values reach the sides as
 text, cast by PostgreSQL to the columns' types (a wrong value fails the resolution with the
@@ -21,15 +26,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import psycopg
 from psycopg import sql
 
 from ..errors import SpecError, SyncError
-from ..spec import PipelineSpec, SyncSpec
+from ..delivery.sinks.http_client import Endpoint, encode_body
+from ..spec import HttpTargetSpec, PipelineSpec, SyncSpec
 from ..spec.links import LinkRole
 from ..staging.links import BaseRow, ConflictRecord, LinkStore
 from ..staging.store import StateStore
 from ..wire.pgtypes import TEXT_FORMAT_SETTINGS
+from .canon import api_row, canonical_row, echo_hash
 
 
 class ResolutionError(SyncError):
@@ -81,6 +89,45 @@ def _write_side(dsn: str, origin: str, table: str, key: dict[str, Any],
     return int(lsn[0])
 
 
+def _write_api(p: PipelineSpec, first_table: str, key: dict[str, Any],
+               row: dict[str, Any] | None, idempotency_key: str) -> None:
+    """Send one version (first-side names) to a link's API side; raises ResolutionError."""
+    assert p.link is not None
+    role = p.link.tables[first_table]
+    assert role.api is not None
+    target = next(iter(p.targets))
+    tspec = p.targets[target]
+    assert isinstance(tspec, HttpTargetSpec)
+    what = f"link {p.link.name!r}, side {p.link.target_side!r}"
+    headers, auth = tspec.credentials(what)
+    requests = tspec.tables[first_table]
+    names = role.columns
+    if row is None:
+        if requests.delete is None:
+            raise ResolutionError(f"{what}: {first_table} has no `delete:` request")
+        endpoint, body = Endpoint.parse(requests.delete), None
+        fields = {names.get(c, c): v for c, v in key.items()}
+    else:
+        endpoint = Endpoint.parse(requests.upsert)
+        body = {names.get(c, c): v for c, v in api_row(row, role.api.types).items()}
+        fields = {**{names.get(c, c): v for c, v in key.items()}, **body}
+    path = endpoint.path(fields)
+    try:
+        with httpx.Client(base_url=tspec.base_url(f"{what} base URL"), headers=headers,
+                          auth=auth, timeout=tspec.timeout_seconds) as client:
+            answer = client.request(
+                endpoint.method, path, headers={tspec.idempotency_header: idempotency_key,
+                                                **({"Content-Type": "application/json"}
+                                                   if body is not None else {})},
+                content=encode_body(body) if body is not None else None)
+    except httpx.HTTPError as err:
+        raise ResolutionError(f"{what}: {endpoint.method} {path}: {type(err).__name__}"
+                              ) from None
+    if not (answer.is_success or (row is None and answer.status_code == 404)):
+        raise ResolutionError(f"{what}: {endpoint.method} {path} answered "
+                              f"{answer.status_code}: {answer.text[:200]}")
+
+
 def resolve_conflict(spec: SyncSpec, state: StateStore, link: str, conflict_id: int, *,
                      take: str | None = None, values: dict[str, Any] | None = None,
                      delete: bool = False) -> ConflictRecord:
@@ -123,10 +170,18 @@ def resolve_conflict(spec: SyncSpec, state: StateStore, link: str, conflict_id: 
             if not state.try_lock(name):
                 raise ResolutionError(f"{name} is held by a delivery run; try again shortly")
             taken.append(name)
-        superseded: dict[str, int] = {}
+        superseded: dict[str, Any] = {}
+        echoes: list[tuple[str, str, str]] = []
         for p in directions:
             assert p.link is not None
             side = p.link.target_side
+            api = role.tables[c.table].api
+            if side == role.api_side and api is not None:
+                _write_api(p, c.table, pk, row, f"{link}:resolution:{conflict_id}")
+                echoes.append((c.table, c.key, echo_hash(canonical_row(row, api), api)))
+                superseded[side] = [echo_hash(canonical_row(c.versions.get(side), api), api),
+                                    echo_hash(canonical_row(row, api), api)]
+                continue
             table, renames = _side_table(role, c.table, side)
             dsn = next(iter(p.targets.values())).resolve(f"link {link!r}: side {side!r}")
             key_vals = {renames.get(k, k): v for k, v in pk.items()}
@@ -137,8 +192,14 @@ def resolve_conflict(spec: SyncSpec, state: StateStore, link: str, conflict_id: 
                 raise ResolutionError(f"link {link!r}, side {side!r}, table {table}: "
                                       f"{str(err).strip().splitlines()[0]}") from None
         with state.conn.transaction():
-            store.save([BaseRow(c.table, c.key, row, f"resolution:{conflict_id}", 0, 0,
+            base = row
+            api = role.tables[c.table].api
+            if api is not None:
+                base = canonical_row(row, api)
+            store.save([BaseRow(c.table, c.key, base, f"resolution:{conflict_id}", 0, 0,
                                 superseded, None)], [])
+            if echoes:
+                store.save_echoes(echoes, [], role.echo_ttl_seconds)
             store.mark_resolved(conflict_id, row, how)
     finally:
         for name in reversed(taken):

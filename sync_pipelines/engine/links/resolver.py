@@ -28,6 +28,18 @@ from the same base at once. A crash anywhere replays the window: rule 2 repeats 
 What the link writes carries a replication origin (``sync_<link>_into_<side>``), and the
 capture of the other direction drops transactions with it (:mod:`...capture.puller`): a write
 is never sent back.
+
+**An HTTP API side.** Its current row is read with the table's ``get`` request (the HTTP sink
+reads before it writes; no lock is possible, so an API edit landing between the read and the
+write is overwritten — the read-to-write gap is one request's time), values are put in one form
+(:mod:`.canon`) and compared without the fields the API sets itself. The API has no WAL, so a
+decision that weighs the API's version marks its side with digests instead of a position: of
+the API's version and of the decision written into it. An API change carrying one of them
+meets rule 3 (once per digest): the decision is written into PostgreSQL — a webhook brings the
+API's version first, a poll may only ever see the decision. A change from the API accepted by
+rules 4–6 clears the marks (the API has moved on). Otherwise, what the link wrote into the API
+is remembered in the echo ledger, and a change from the API bringing back exactly such a
+version is dropped (rule 0, after rule 3): a real edit differs from it.
 """
 
 from __future__ import annotations
@@ -38,9 +50,10 @@ from typing import Any
 from ..delivery.sinks.base import Item, Outcome
 from ..mapping.mapper import Delete, TargetOp, Truncate, Upsert
 from ..spec import PipelineSpec
-from ..spec.links import LinkRole
+from ..spec.links import LinkRole, LinkTableRole
 from ..staging.links import BaseRow, ConflictRecord, LinkStore, key_text
 from ..staging.store import StateStore
+from .canon import api_row, canonical_row, echo_hash, view
 from .policy import NO_BASE, decide
 
 Key = tuple[Any, ...]
@@ -60,7 +73,14 @@ class LinkResolver:
         self._conflicts: list[ConflictRecord] = []
         self._absorbed: list[tuple[int, str, dict[str, Any] | None]] = []
         self._keys_of: dict[int, list[tuple[str, str]]] = {}  # id(item) → (table, key)
-        self.stats = {"conflicts": 0, "held": 0, "superseded": 0}
+        self._written: list[tuple[str, str, str]] = []  # into the API: (table, key, digest)
+        self._consumed: list[tuple[str, str, str]] = []  # echoes that came back
+        self._echoes: dict[str, dict[str, set[str]]] = {}
+        self.into_api = self.role.api_side is not None and (
+            self.role.target_side == self.role.api_side)
+        self.from_api = self.role.api_side is not None and (
+            self.role.source_side == self.role.api_side)
+        self.stats = {"conflicts": 0, "held": 0, "superseded": 0, "echoes": 0}
 
     # -- inside the target transaction -------------------------------------------------------
 
@@ -69,6 +89,9 @@ class LinkResolver:
         self._conflicts.clear()
         self._absorbed.clear()
         self._keys_of.clear()
+        self._written.clear()
+        self._consumed.clear()
+        self._echoes.clear()
         by_table: dict[str, tuple[Item, set[Key]]] = {}
         for it in items:
             for op in it.ops:
@@ -78,13 +101,17 @@ class LinkResolver:
         wal: dict[str, int] = {}
         bases: dict[str, dict[str, BaseRow]] = {}
         for table, (it, keys) in by_table.items():
-            first, _ = self.role.table_of_target(table)
+            first, trole = self.role.table_of_target(table)
             cols = [c.name for c in it.table.columns]
             ordered = sorted(keys, key=lambda k: [str(v) for v in k])
             rows, lsn = read(table, cols, it.table.key_names, ordered)
-            current[table] = {k: self.role.to_first_names(first, r) for k, r in rows.items()}
+            current[table] = {k: self._canon(trole, self.role.to_first_names(first, r))
+                              for k, r in rows.items()}
             wal[table] = lsn
-            bases[table] = self.store.bases(first, [key_text(k) for k in keys])
+            texts = [key_text(k) for k in keys]
+            bases[table] = self.store.bases(first, texts)
+            if self.from_api and trole.api is not None:
+                self._echoes[first] = self.store.echoes(first, texts)
         for it in items:
             ops = [out for op in it.ops for out in self._one(it, op, current, bases, wal)]
             if not ops:
@@ -103,27 +130,40 @@ class LinkResolver:
         self._keys_of.setdefault(id(it), []).append((first, k))
         y = current[op.table].get(key)
         v: dict[str, Any] | None = None
+        api = trole.api
         if isinstance(op, Upsert):
-            v = role.to_first_names(first, op.row)
+            v = self._canon(trole, role.to_first_names(first, op.row))
             if op.partial:  # unchanged large values: the target's copy is the value
-                v = {**(y or {}), **v}
+                v = {**(y or {}), **(v or {})}
         b = self._bases.get((first, k)) or bases[op.table].get(k)
         pos = (op.position.commit_lsn, op.position.seq)
 
-        def agreed(row: dict[str, Any] | None, superseded: dict[str, int] | None = None,
+        def same(x: dict[str, Any] | None, z: dict[str, Any] | None) -> bool:
+            return x == z if api is None else view(x, api) == view(z, api)
+
+        def agreed(row: dict[str, Any] | None, superseded: dict[str, Any] | None = None,
                    held: int | None = None) -> None:
-            self._bases[(first, k)] = BaseRow(
-                first, k, row, self.direction, pos[0], pos[1],
-                dict(superseded if superseded is not None else (b.superseded if b else {})),
-                held)
+            marks = dict(superseded if superseded is not None else (b.superseded if b else {}))
+            if self.from_api and superseded is None:
+                marks.pop(src, None)  # an API change accepted: the API has moved on
+            self._bases[(first, k)] = BaseRow(first, k, row, self.direction, pos[0], pos[1],
+                                              marks, held)
 
         def write(row: dict[str, Any] | None) -> list[TargetOp]:
             current[op.table][key] = row
-            if row == y:  # versions are equal when every column's text is
+            if same(row, y):  # versions are equal when every column's text is
                 return []
+            if api is not None and self.into_api:  # remembered, to know it when it comes back
+                self._written.append((first, k, echo_hash(row, api)))
             if row is None:
                 return [Delete(op.table, key, op.position)]
-            return [Upsert(op.table, key, role.from_first_names(first, row), False,
+            out = row
+            if api is not None and self.into_api:  # the API sets its managed fields itself
+                out = api_row({c: x for c, x in row.items() if c not in api.managed},
+                              api.types)
+            elif api is not None:  # an API that does not return one does not blank it
+                out = {c: x for c, x in row.items() if x is not None or c not in api.managed}
+            return [Upsert(op.table, key, role.from_first_names(first, out), False,
                            op.position)]
 
         if b is not None and b.held is not None:  # rule 1
@@ -132,18 +172,32 @@ class LinkResolver:
             return []
         if b is not None and b.set_by == self.direction and (b.set_lsn, b.set_seq) == pos:
             return write(b.row)  # rule 2: this change was decided before a crash
-        if b is not None and b.superseded.get(src, -1) >= pos[0]:
+        if b is not None and self._superseded(b, src, v, pos[0], trole):
             self.stats["superseded"] += 1  # rule 3
-            agreed(b.row)
+            marks = dict(b.superseded)
+            if isinstance(marks.get(src), list):  # an API's digests count once each
+                assert api is not None
+                marks[src] = [d for d in marks[src] if d != echo_hash(v, api)]
+            agreed(b.row, marks)
             return write(b.row)
-        if v == y:  # rule 4
+        if api is not None and self.from_api:  # rule 0: the link's own write, come back
+            digest = echo_hash(v, api)
+            echoes = self._echoes.get(first, {}).get(k)
+            if echoes and digest in echoes:
+                echoes.discard(digest)  # once: the same version again is a real edit
+                self._consumed.append((first, k, digest))
+                self.stats["echoes"] += 1
+                return []
+        if same(v, y):  # rule 4
             agreed(v)
             current[op.table][key] = v
             return []
-        if (b is None and y is None) or (b is not None and b.row == y):
+        if (b is None and y is None) or (b is not None and same(b.row, y)):
             agreed(v)  # rule 5
+            if api is not None or (isinstance(op, Upsert) and op.partial):
+                return write(v)
             current[op.table][key] = v
-            return [op] if not (isinstance(op, Upsert) and op.partial) else write(v)
+            return [op]
         # Rule 6: both sides changed the key since they agreed.
         versions = {s: (v if s == src else y) for s in (role.first_side, _other(role))}
         decision = decide(trole.conflict, b.row if b is not None else NO_BASE, versions,
@@ -157,9 +211,28 @@ class LinkResolver:
         if decision.held:
             agreed(b.row if b is not None else None, held=-1)  # the conflict's id, at save
             return []
-        superseded = {**(b.superseded if b else {}), dst: wal[op.table]}
+        weighed: int | list[str] = (
+            [echo_hash(y, api), echo_hash(decision.row, api)] if api is not None
+            and self.into_api else wal[op.table])
+        superseded = {**(b.superseded if b else {}), dst: weighed}
+        if self.from_api:
+            superseded.pop(src, None)
         agreed(decision.row, superseded)
         return write(decision.row)
+
+    def _superseded(self, b: BaseRow, side: str, v: dict[str, Any] | None, lsn: int,
+                    trole: LinkTableRole) -> bool:
+        """Whether this change of ``side`` was weighed in a decision already (rule 3)."""
+        mark = b.superseded.get(side)
+        if mark is None:
+            return False
+        if isinstance(mark, list):  # an API side: digests of the versions weighed
+            return trole.api is not None and echo_hash(v, trole.api) in mark
+        return mark >= lsn
+
+    @staticmethod
+    def _canon(trole: LinkTableRole, row: dict[str, Any] | None) -> dict[str, Any] | None:
+        return row if trole.api is None else canonical_row(row, trole.api)
 
     # -- inside the record transaction -------------------------------------------------------
 
@@ -170,6 +243,11 @@ class LinkResolver:
         bases = [b for tk, b in self._bases.items() if tk not in failed]
         conflicts = [c for c in self._conflicts if (c.table, c.key) not in failed]
         self.store.save(bases, conflicts)
+        if self._written or self._consumed:
+            self.store.save_echoes(
+                [w for w in self._written if (w[0], w[1]) not in failed],
+                [c for c in self._consumed if (c[0], c[1]) not in failed],
+                self.role.echo_ttl_seconds)
         for conflict_id, side, version in self._absorbed:
             self.store.absorb(conflict_id, side, version)
 

@@ -10,8 +10,14 @@ through the other direction, and must not undo it), and the conflict the key is 
 its reason, the result, when; ``held`` until an operator resolves it. One row per detection
 (unique by direction, position and key), so a replayed window logs nothing twice.
 
-Bases and conflicts are written by :meth:`LinkStore.save` inside the delivery's ``record``
-transaction, before the target commits (see :mod:`...links.resolver`).
+**Echo ledger** (``link_echo``, links with an HTTP API side): per key, the digest of each
+version the link wrote into the API, until it expires. A webhook or poll bringing back exactly
+that version is the link's own write coming back and is dropped (the entry with it); any other
+version is a real edit.
+
+Bases, conflicts and echoes are written by :meth:`LinkStore.save` inside the delivery's
+``record`` transaction — for a PostgreSQL target before it commits (see
+:mod:`...links.resolver`), for an API after every request was answered.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ class BaseRow:
     set_by: str
     set_lsn: int
     set_seq: int
-    superseded: dict[str, int] = field(default_factory=dict)
+    superseded: dict[str, Any] = field(default_factory=dict)
+    """Per side: up to which WAL position (a PostgreSQL side, an int) its changes were weighed,
+    or (an API side, whose changes carry no position) the digests of the versions weighed."""
     held: int | None = None
 
 
@@ -121,6 +129,40 @@ class LinkStore:
             "set_seq = EXCLUDED.set_seq, superseded = EXCLUDED.superseded, "
             "held = EXCLUDED.held, updated_at = now()"), (self.link,))
         self.conn.execute("TRUNCATE _sync_link_base")  # several saves in one transaction
+
+    def echoes(self, table: str, keys: Iterable[str]) -> dict[str, set[str]]:
+        """Unexpired digests of what the link wrote into the API, by key."""
+        out: dict[str, set[str]] = {}
+        for key, digest in self.conn.execute(self.state._q(
+                "SELECT key, hash FROM {schema}.link_echo WHERE link = %s AND table_name = %s "
+                "AND key = ANY(%s) AND expires_at > now()"),
+                (self.link, table, list(keys))).fetchall():
+            out.setdefault(key, set()).add(digest)
+        return out
+
+    def save_echoes(self, written: Iterable[tuple[str, str, str]],
+                    consumed: Iterable[tuple[str, str, str]], ttl_seconds: float) -> None:
+        """Inside the caller's transaction: remember ``(table, key, digest)`` written, forget
+        those that came back, and drop expired ones."""
+        written, consumed = list(written), list(consumed)
+        if written:
+            with self.conn.cursor() as cur:
+                cur.executemany(self.state._q(
+                    "INSERT INTO {schema}.link_echo (link, table_name, key, hash, expires_at) "
+                    "VALUES (%s, %s, %s, %s, now() + make_interval(secs => %s)) "
+                    "ON CONFLICT (link, table_name, key, hash) DO UPDATE "
+                    "SET expires_at = EXCLUDED.expires_at"),
+                    [(self.link, t, k, h, ttl_seconds) for t, k, h in written])
+        if consumed:
+            with self.conn.cursor() as cur:
+                cur.executemany(self.state._q(
+                    "DELETE FROM {schema}.link_echo WHERE link = %s AND table_name = %s "
+                    "AND key = %s AND hash = %s"),
+                    [(self.link, t, k, h) for t, k, h in consumed])
+        if written or consumed:
+            self.conn.execute(self.state._q(
+                "DELETE FROM {schema}.link_echo WHERE link = %s AND expires_at <= now()"),
+                (self.link,))
 
     def absorb(self, conflict_id: int, side: str, version: dict[str, Any] | None) -> None:
         """A change of a held key: its side's version in the conflict becomes this one (the

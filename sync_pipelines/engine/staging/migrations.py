@@ -262,4 +262,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX link_conflict_recent ON {schema}.link_conflict (link, created_at);
     """,
+    # 9: a link's echo ledger — what it wrote into an HTTP API, to recognise it coming back.
+    """
+    CREATE TABLE {schema}.link_echo (
+        link        text NOT NULL,
+        table_name  text NOT NULL,
+        key         text NOT NULL,
+        hash        text NOT NULL,
+        expires_at  timestamptz NOT NULL,
+        PRIMARY KEY (link, table_name, key, hash)
+    );
+    CREATE INDEX link_echo_expiry ON {schema}.link_echo (link, expires_at);
+    """,
 ]

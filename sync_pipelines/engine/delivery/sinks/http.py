@@ -21,6 +21,12 @@ A partial upsert (an UPDATE that left large values out as unchanged) is never se
 would replace its record with the partial body. It is reported for a re-read of the row
 instead (``Outcome.refetch``), and the change counts as delivered.
 
+A two-way link's direction into an API (``resolve``): before anything is sent, the API's
+current record of every key in the call is read with the table's ``get`` request (bounded
+concurrency; 404 is "no record"), the link decides what each change becomes (see
+:mod:`....links.resolver`), and only that is sent. A read that fails (5xx, timeout, anything
+but 2xx and 404) fails the call as transient: nothing sent, nothing recorded, retried later.
+
 Idempotency: every request carries ``<pipeline>:<target>:<lsn>:<seq>[.sub]`` in the configured
 header, so a replay after a crash is recognised by the API; requests listed in
 ``Item.done_subs`` (the ledger) are not sent again, and accepted requests of a change that does
@@ -31,11 +37,18 @@ with the same keys.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
-from ...errors import SpecError, TerminalDeliveryError
+import httpx
+
+from ...capture.records import RecordError, field_text
+from ...errors import SpecError, TerminalDeliveryError, TransientDeliveryError
 from ...mapping.mapper import Delete, TableMapper, Truncate, Upsert
 from ...spec import HttpTargetSpec, PipelineSpec
+from ...spec.links import LinkRole
+from ...spec.sources import FieldSpec
 from ...staging.held import Failure
 from ...wire.change import Position
 from .base import ApplyResult, ApplyStats, Checkpoint, Item, Outcome, Record, Resolve
@@ -67,8 +80,12 @@ class HttpSink:
     """Delivers one pipeline's changes to one HTTP API."""
 
     def __init__(self, client: HttpClient, *, pipeline: str, target: str,
-                 spec: HttpTargetSpec, window_changes: int = WINDOW_CHANGES) -> None:
+                 spec: HttpTargetSpec, window_changes: int = WINDOW_CHANGES,
+                 link: LinkRole | None = None, reader: httpx.Client | None = None) -> None:
         self.client = client
+        self.link = link
+        self.reader = reader
+        self.concurrency = spec.concurrency
         auth = [v for v in (spec.auth.bearer_token_env, spec.auth.basic_user_env,
                             spec.auth.basic_password_env) if v] if spec.auth else []
         self.credentials = (f"${' and $'.join(auth)}" if auth
@@ -83,6 +100,8 @@ class HttpSink:
 
     def close(self) -> None:
         self.client.close()
+        if self.reader is not None:
+            self.reader.close()
 
     def checkpoint(self) -> Position | None:
         return None  # an API keeps no position of ours: the state's delivered position counts
@@ -93,8 +112,10 @@ class HttpSink:
     def apply(self, items: Iterable[Item], *, checkpoint: Checkpoint | None,
               record: Record, resolve: Resolve | None = None) -> ApplyResult:
         if resolve is not None:
-            raise TerminalDeliveryError(f"pipeline {self.pipeline!r}, target "
-                                        f"{self.target!r}: two-way links take PostgreSQL sides")
+            if self.reader is None or self.link is None:
+                raise TerminalDeliveryError(f"pipeline {self.pipeline!r}, target "
+                                            f"{self.target!r}: not a link's API side")
+            items = resolve(list(items), self.read_rows)
         changes: list[_Change] = []
         sent: list[tuple[_Change, int]] = []
 
@@ -122,6 +143,50 @@ class HttpSink:
             deletes=sum(1 for o in delivered if o.item.op == "D"),
             refetch=sum(len(o.refetch) for o in delivered))
         return ApplyResult(outcomes, stats)
+
+    def read_rows(self, table: str, columns: Sequence[str], key_columns: Sequence[str],
+                  keys: Sequence[tuple[Any, ...]]) -> tuple[dict[tuple[Any, ...], dict[str, Any]],
+                                                          int]:
+        """The API's current records of ``keys`` (``table`` as the link names it), each as
+        text in the API's field names; the position is 0 (an API has no WAL)."""
+        assert self.link is not None and self.reader is not None
+        first, role = self.link.table_of_target(table)
+        assert role.api is not None
+        back = {v: k for k, v in role.columns.items()}
+        fields = {c: FieldSpec(path=c, type=role.api.types.get(back.get(c, c), "text"))
+                  for c in columns}  # type: ignore[arg-type]
+        # Only the path template is used: Endpoint models the write requests (GET is not one).
+        get = Endpoint("PUT", role.api.get.split()[1])
+
+        def one(key: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str, Any] | None]:
+            try:
+                path = get.path(dict(zip(key_columns, key, strict=True)))
+            except ValueError as err:
+                raise TerminalDeliveryError(f"pipeline {self.pipeline!r}, target "
+                                            f"{self.target!r}: get request: {err}") from None
+            what = f"pipeline {self.pipeline!r}, target {self.target!r}: GET {path}"
+            try:
+                answer = self.reader.get(path)  # type: ignore[union-attr]
+            except httpx.HTTPError as err:
+                raise TransientDeliveryError(f"{what}: {type(err).__name__}") from None
+            if answer.status_code == 404:
+                return key, None
+            if answer.status_code == 401:
+                raise TerminalDeliveryError(f"{what}: the API refused the credentials; "
+                                            f"check {self.credentials}")
+            if not answer.is_success:
+                raise TransientDeliveryError(f"{what} answered {answer.status_code}")
+            try:
+                record = answer.json()
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+                return key, {c: field_text(table, c, f, record.get(c)) for c, f in fields.items()}
+            except (ValueError, RecordError) as err:
+                raise TransientDeliveryError(f"{what}: unreadable record ({err})") from None
+
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(keys)))) as pool:
+            found = dict(pool.map(one, keys))
+        return {k: r for k, r in found.items() if r is not None}, 0
 
     def _requests(self, item: Item) -> _Change:
         ch = _Change(item)
@@ -179,4 +244,10 @@ def open_http_sink(pipeline: PipelineSpec, target: str) -> HttpSink:
                             concurrency=tspec.concurrency, timeout_s=tspec.timeout_seconds)
     except ValueError as err:  # the message never carries the URL's credentials or headers' values
         raise SpecError(f"{what} (base URL from ${tspec.base_url_env}): {err}") from None
-    return HttpSink(client, pipeline=pipeline.name, target=target, spec=tspec)
+    reader = None
+    if pipeline.link is not None:  # a link's API side: records are read before they are written
+        reader = httpx.Client(base_url=base_url, headers=headers, auth=auth,
+                              timeout=tspec.timeout_seconds,
+                              limits=httpx.Limits(max_connections=tspec.concurrency))
+    return HttpSink(client, pipeline=pipeline.name, target=target, spec=tspec,
+                    link=pipeline.link, reader=reader)
