@@ -154,7 +154,8 @@ def smoke(spec_path: Path, crm: CrmServer) -> int:
     defs = build_definitions(str(spec_path))
     instance = dg.DagsterInstance.get()
     resources = {"sync": SyncEngine(spec_path=str(spec_path))}
-    for name, pipeline in spec.pipelines.items():
+    for name in _smoke_order(spec):
+        pipeline = spec.pipelines[name]
         sensor = defs.resolve_sensor_def(f"{name}_replication_sensor")
         kind = pipeline.source.kind
         if kind == "postgres" and pipeline.link is None:
@@ -164,7 +165,9 @@ def smoke(spec_path: Path, crm: CrmServer) -> int:
             gen.stop()
             gen.join()
             print(f"{name}: generated {gen.transactions} CRM transactions")
-        if pipeline.link is not None:  # an edit on this direction's side of the link
+        if pipeline.link is not None and pipeline.link.api_side is not None:
+            _edit_contact(pipeline, crm)  # an edit on this direction's side of the link
+        elif pipeline.link is not None:
             _edit_task(pipeline, first=name.endswith(f"_{pipeline.link.first_side}_to_"
                                                      f"{pipeline.link.target_side}"))
         elif kind == "webhook":  # what the crm pipeline wrote to the CRM API, pushed back
@@ -177,7 +180,8 @@ def smoke(spec_path: Path, crm: CrmServer) -> int:
         if not runs:
             print(f"{name}: the sensor requested no delivery run")
             return 1
-        drift = (_link_drift() if pipeline.link is not None
+        drift = (_contacts_drift(crm) if pipeline.link is not None and pipeline.link.api_side
+                 else _link_drift() if pipeline.link is not None
                  else engine.compare_tables(spec, name) + _crm_drift(spec, name)
                  if kind == "postgres" else _api_drift(spec, name, crm))
         if drift:
@@ -204,6 +208,55 @@ def smoke(spec_path: Path, crm: CrmServer) -> int:
             return 1
         print(f"{name}: reconciliation for {today}: {compared} rows compared, no drift")
     return 0
+
+
+def _smoke_order(spec: Any) -> list[str]:
+    """The spec's pipelines, a link's direction out of an API after its direction into it:
+    the API's records reach the database first, so the database side has rows to edit."""
+    names = list(spec.pipelines)
+    for name in list(names):
+        link = spec.pipelines[name].link
+        if link is not None and link.api_side == link.source_side:
+            names.remove(name)
+            names.insert(names.index(f"{link.name}_{link.target_side}_to_{link.api_side}"),
+                         name)
+    return names
+
+
+def _edit_contact(pipeline: Any, crm: CrmServer) -> None:
+    """Rename a contact on the side this direction of the contacts link reads: in the CRM
+    API (a GET and a PUT of the whole record, as a client of the API would) or in
+    reporting's contact_book."""
+    import httpx
+    import psycopg
+
+    link = pipeline.link
+    if link.source_side == link.api_side:
+        headers = {"Authorization": f"Bearer {os.environ['SYNC_CRM_TOKEN']}",
+                   "Idempotency-Key": f"demo-edit-{time.time_ns()}"}
+        with httpx.Client(base_url=crm.base_url, headers=headers) as client:
+            record = client.get("/contacts/1").raise_for_status().json()
+            record["full_name"] = f"{record.get('full_name')} (edited in the CRM API)"
+            client.put("/contacts/1", json=record).raise_for_status()
+        return
+    with psycopg.connect(os.environ["SYNC_TARGET_DSN"], autocommit=True) as conn:
+        conn.execute("UPDATE contact_book SET full_name = full_name || ' (edited in "
+                     "reporting)' WHERE id = (SELECT min(id) + 1 FROM contact_book)")
+
+
+def _contacts_drift(crm: CrmServer) -> list[str]:
+    """The contacts link's two sides: reporting's contact_book against the CRM API's
+    contacts, on the fields the link carries."""
+    import psycopg
+
+    with psycopg.connect(os.environ["SYNC_TARGET_DSN"]) as conn:
+        book = {str(r[0]): tuple(r[1:]) for r in conn.execute(
+            "SELECT id, first_name, last_name, full_name, email FROM contact_book")}
+    api = {k: (r.get("first_name"), r.get("last_name"), r.get("full_name"),
+               r.get("email_address")) for k, r in crm.records("contacts").items()}
+    differ = sorted(k for k in set(book) | set(api) if book.get(k) != api.get(k))
+    return [f"contacts: {len(differ)} of {len(api)} differ (e.g. id {differ[0]}: "
+            f"{book.get(differ[0])} vs {api.get(differ[0])})"] if differ else []
 
 
 def _edit_task(pipeline: Any, *, first: bool) -> None:

@@ -80,6 +80,28 @@ def with_pipeline(**fields) -> dict:
 
 
 # (document, words the SpecError must contain after "sync.yaml: ")
+def _api_link(*, first=False, changes="poll", get="GET /contacts/{id}", tables=None,
+              columns=None, managed=None, dsn_env=None):
+    """A link spec with an HTTP API side, one thing changed."""
+    record = {"list": "GET /contacts", "updated_at": "updated_at", "key": ["id"],
+              "fields": {"id": "id", "email": "email", "updated_at": "updated_at"}}
+    requests = {"upsert": "PUT /contacts/{id}", "managed": managed or []}
+    if get is not None:
+        requests["get"] = get
+    api = {"name": "api", "kind": "http", "base_url_env": "U",
+           "tables": {"crm.contacts": requests} if tables is None else tables}
+    if changes:
+        api["changes"] = {"kind": "http_poll", "base_url_env": "U",
+                          "records": {"crm.contacts": record}}
+    if dsn_env:
+        api["dsn_env"] = dsn_env
+    sides = [{"name": "db", "dsn_env": "A"}, api]
+    return {"links": {"people": {
+        "sides": sides[::-1] if first else sides,
+        "tables": {"people": {"as": "crm.contacts", "columns": columns or {"mail": "email"},
+                              "conflict": {"policy": "source_priority"}}}}}}
+
+
 SPEC_CASES = [
     # a knob out of range: names pipeline and field
     pytest.param(with_pipeline(policy={"batch_size": 0}),
@@ -173,6 +195,25 @@ SPEC_CASES = [
                                      "tables": {"accounts": {"conflict": {
                                          "policy": "source_priority"}}}}}},
                  ["acct_crm_to_erp are also the name of a link's direction"], id="link-clash"),
+    # an HTTP API side: second, with its changes' source, requests per table and a record
+    # type for each linked table, whose fields the renames and `managed` name
+    pytest.param(_api_link(first=True), ["the first side must be PostgreSQL"],
+                 id="link-api-first"),
+    pytest.param(_api_link(changes=None), ["side 'api': an HTTP API side needs `changes:`"],
+                 id="link-api-no-changes"),
+    pytest.param(_api_link(get=None), ["tables.crm.contacts.get:", "Field required"],
+                 id="link-api-no-get"),
+    pytest.param(_api_link(get="POST /contacts/{id}"), ["must look like 'GET /contacts/{id}'"],
+                 id="link-api-get-not-get"),
+    pytest.param(_api_link(tables={}), ["side 'api' has no requests for it"],
+                 id="link-api-no-requests"),
+    pytest.param(_api_link(columns={"mail": "e_mail"}),
+                 ["columns rename to ['e_mail'], which the record type has no field for"],
+                 id="link-api-unknown-field"),
+    pytest.param(_api_link(managed=["etag"]), ["managed names ['etag']"],
+                 id="link-api-unknown-managed"),
+    pytest.param(_api_link(dsn_env="X"), ["an HTTP API side has no dsn_env"],
+                 id="link-api-with-dsn"),
 ]
 
 # (YAML text with a key given twice, the line of its second and first occurrence)

@@ -1,9 +1,10 @@
 """Two-way links between PostgreSQL and an HTTP API (the reference CRM on 127.0.0.1): the API's
-changes come in by polling its change feed, the link's writes go out as PUT/DELETE after a GET
-of the API's current record. No loops (the API's echo of the link's write is dropped by the
-echo ledger, the link's writes into PostgreSQL carry its replication origin), conflicts
-detected against the base on either direction, each policy on a case, a manual conflict held
-and resolved into the API, and values that PostgreSQL and JSON render differently
+changes come in by polling its change feed (or as its signed webhooks, through the receiver),
+the link's writes go out as PUT/DELETE after a GET of the API's current record. No loops (the
+API's echo of the link's write is dropped by the echo ledger, the link's writes into
+PostgreSQL carry its replication origin), conflicts detected against the base on either
+direction, each policy on a case, a manual conflict held and resolved into the API, a crash
+between the requests and the record, and values that PostgreSQL and JSON render differently
 (timestamps, decimals) compared as equal.
 
 Real PostgreSQL (side and state databases of the test server) and a real HTTP server. The
@@ -14,6 +15,7 @@ logs every write it received with its idempotency key, which names the direction
 from __future__ import annotations
 
 import secrets
+import time
 from decimal import Decimal
 
 import pytest
@@ -29,6 +31,7 @@ from sync_pipelines.engine import (
 from .support.crm_api import batch_put, delete, put
 from .support.links import drop_origins
 from .support.pipelines import execute, rows
+from .support.receiver import SECRET, ReceiverServer
 
 N = 10_000
 
@@ -67,20 +70,27 @@ def side(source_dsn, state_dsn):
     drop_origins(state_dsn)
 
 
-def api_link(monkeypatch, side_dsn, state_dsn, crm, conflict=None, policy=None):
+POLL = {"kind": "http_poll", "base_url_env": "LA_API_URL", "interval_seconds": 1,
+        "overlap_seconds": 2, "page_size": 1000, "records": {"crm.contacts": RECORD}}
+WEBHOOK = {"kind": "webhook", "secret_env": "LA_SECRET", "records": {"crm.contacts": {
+    **{k: v for k, v in RECORD.items() if k not in ("list", "updated_at", "delete_when")},
+    "event_types": ["contact.*"], "data": "data",
+    "delete_when": {"event_type": ["contact.deleted"]}}}}
+
+
+def api_link(monkeypatch, side_dsn, state_dsn, crm, conflict=None, policy=None, changes=None):
     name = f"l{secrets.token_hex(3)}"
     monkeypatch.setenv("LA_DB_DSN", side_dsn)
     monkeypatch.setenv("LA_STATE_DSN", state_dsn)
     monkeypatch.setenv("LA_API_URL", crm.base_url)
+    monkeypatch.setenv("LA_SECRET", SECRET)
     spec = parse_spec({
         "state": {"dsn_env": "LA_STATE_DSN"},
         "links": {name: {
             "sides": [
                 {"name": "db", "dsn_env": "LA_DB_DSN"},
                 {"name": "api", "kind": "http", "base_url_env": "LA_API_URL",
-                 "changes": {"kind": "http_poll", "base_url_env": "LA_API_URL",
-                             "interval_seconds": 1, "overlap_seconds": 2, "page_size": 1000,
-                             "records": {"crm.contacts": RECORD}},
+                 "changes": changes or POLL,
                  "tables": {"crm.contacts": {
                      "upsert": "PUT /contacts/{id}", "delete": "DELETE /contacts/{id}",
                      "get": "GET /contacts/{id}", "managed": ["updated_at"]}}},
@@ -262,3 +272,100 @@ def test_a_manual_conflict_is_held_and_resolved_into_the_api(monkeypatch, side, 
     sync(spec, to_db, to_api)
     assert db_rows(side)[5][0] == "later"
     assert [c.status for c in link_conflicts(spec, name)] == ["resolved"]
+
+
+@pytest.mark.parametrize(("type_", "from_postgres", "from_json"), [
+    ("timestamptz", "2026-12-02 10:00:00.5+00", "2026-12-02T11:00:00.500+01:00"),
+    ("timestamptz", "2026-12-02 10:00:00+00", "2026-12-02T10:00:00Z"),
+    ("decimal", "10.50", 10.5),
+    ("decimal", "100", "1E+2"),
+    ("int", "5", 5.0),
+    ("bool", "t", True),
+    ("json", '{"b": 1, "a": [1, 2]}', {"a": [1, 2], "b": 1}),
+    ("text", "5", 5),
+])
+def test_one_form_for_values_postgresql_and_json_render_differently(type_, from_postgres,
+                                                                     from_json):
+    from sync_pipelines.engine.links.canon import canonical
+    assert canonical(from_postgres, type_) == canonical(from_json, type_)
+    assert canonical("2026-12-02 10:00:01+00", "timestamptz") != canonical(
+        "2026-12-02 10:00:00+00", "timestamptz")
+
+
+def wait_for_webhooks(crm, timeout_s=60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (stats := crm.webhooks())["pending"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not stats["pending"] and not stats["dropped"], stats
+
+
+def test_through_webhooks_every_version_comes_back_and_none_is_taken_for_an_edit(
+        monkeypatch, side, state_dsn, crm_server):
+    """Webhooks bring every version the API holds, in order — the link's own writes, and on a
+    conflict first the API's version, then the decision the link wrote over it."""
+    spec, name, to_api, to_db = api_link(monkeypatch, side, state_dsn, crm_server,
+                                         changes=WEBHOOK)
+    with ReceiverServer(spec) as receiver:
+        crm_server.configure_webhooks(f"{receiver.url}/ingest/{to_db}", SECRET,
+                                      retry_after_s=0.1, event_types=["contact.*"])
+        pull_pipeline(spec, to_api)
+        execute(side, "INSERT INTO people (id, name, mail, score) SELECT g, 'db' || g, "
+                      "'db' || g || '@x', g FROM generate_series(1, 500) g")
+        batch_put(crm_server, [{"id": i, "name": f"api{i}", "email": f"api{i}@x", "score": i}
+                               for i in range(501, 1001)])
+        step(spec, to_api)
+        execute(side, "UPDATE people SET score = score + 1 WHERE id <= 500")  # ahead of echoes
+        wait_for_webhooks(crm_server)
+        sync(spec, to_db, to_api)
+        # A conflict met on the way into the API: the webhook of the API's edit, then that of
+        # the decision written over it, both arrive; the database gets the decision, once.
+        execute(side, "UPDATE people SET name = 'db name' WHERE id = 5")
+        put(crm_server, {"id": 5, "name": "db5", "email": "api@x", "score": 6})
+        sync(spec, to_api)
+        wait_for_webhooks(crm_server)
+        sync(spec, to_db, to_api)
+        wait_for_webhooks(crm_server)
+        sync(spec, to_db, to_api)
+    assert db_rows(side)[5] == ("db name", "api@x", Decimal("6.00"))
+    assert db_rows(side) == api_rows(crm_server)
+    assert len(db_rows(side)) == 1000
+    log = rows(side, "SELECT id <= 500, origin, count(*), count(DISTINCT id) FROM apply_log "
+               "GROUP BY 1, 2 ORDER BY 1, 2")
+    # The API's 500 rows written once each by the link; of the database's own rows only key 5
+    # again, with the decision (its e-mail from the API).
+    assert log == [(False, "true", 500, 500), (True, "false", 1001, 500),
+                   (True, "true", 1, 1)], log
+    writes = link_writes(crm_server, to_api)
+    assert {i for i, _ in writes} == set(range(1, 501))
+    assert len(writes) == 1001  # insert and update of each, and the decision of key 5
+    assert [(c.key, c.decision) for c in link_conflicts(spec, name)] == [('["5"]', "merge")]
+
+
+@pytest.mark.parametrize("point", ["after_send", "after_apply"])
+def test_a_crash_after_the_requests_into_the_api_repeats_the_decision(
+        monkeypatch, side, state_dsn, crm_server, point):
+    """The API took the decision, the state never heard: the replay reads the decision back
+    from the API and must not take it for the API's own version (that would lose the
+    database's edit when the webhook of the API's edit arrives)."""
+    from sync_pipelines.engine.faults import Faults, InjectedCrash
+
+    spec, name, to_api, to_db = api_link(monkeypatch, side, state_dsn, crm_server,
+                                         changes=WEBHOOK)
+    with ReceiverServer(spec) as receiver:
+        crm_server.configure_webhooks(f"{receiver.url}/ingest/{to_db}", SECRET,
+                                      retry_after_s=0.1, event_types=["contact.*"])
+        pull_pipeline(spec, to_api)
+        execute(side, "INSERT INTO people (id, name, mail, score) VALUES (5, 'v5', 'v5@x', 5)")
+        sync(spec, to_api)
+        wait_for_webhooks(crm_server)
+        sync(spec, to_db)
+        execute(side, "UPDATE people SET name = 'db name' WHERE id = 5")
+        put(crm_server, {"id": 5, "name": "v5", "email": "api@x", "score": 5})
+        pull_pipeline(spec, to_api)
+        with pytest.raises(InjectedCrash):
+            deliver_pipeline(spec, to_api, faults=Faults([point]))
+        sync(spec, to_api)
+        wait_for_webhooks(crm_server)
+        sync(spec, to_db, to_api)
+    assert db_rows(side)[5] == api_rows(crm_server)[5] == ("db name", "api@x", Decimal("5.00"))
+    assert [(c.key, c.decision) for c in link_conflicts(spec, name)] == [('["5"]', "merge")]

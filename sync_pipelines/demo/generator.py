@@ -32,10 +32,17 @@ TASKS_DDL = """CREATE TABLE IF NOT EXISTS tasks (
     assignee text, updated_at timestamptz NOT NULL DEFAULT now())"""
 
 
+CONTACT_BOOK_DDL = """CREATE TABLE IF NOT EXISTS contact_book (
+    id bigint PRIMARY KEY, customer_id bigint, first_name text, last_name text, full_name text,
+    email text, phone text, tags text, external_id text, updated_at timestamptz)"""
+
+
 def apply_reporting_schema(dsn: str) -> None:
-    """The reporting database's side of the two-way link ``tasks``."""
+    """The reporting database's sides of the two-way links ``tasks`` (with the CRM database)
+    and ``contacts`` (with the CRM API)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(TASKS_DDL)
+        conn.execute(CONTACT_BOOK_DDL)
 
 
 def seed_tasks(dsn: str) -> None:

@@ -25,28 +25,41 @@ Row = dict[str, Any]
 
 
 def canonical(value: Any, type_: str) -> Any:
-    """``value`` (text) in the one form of ``type_`` (a record field type)."""
-    if value is None or type_ == "text":
+    """``value`` (PostgreSQL text, or a JSON value read from the API) in the one form of
+    ``type_`` (a record field type)."""
+    if value is None:
+        return None
+    if type_ == "json":
+        try:
+            parsed = json.loads(value) if isinstance(value, str) else value
+            return json.dumps(parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        except (ValueError, TypeError):
+            return value
+    if isinstance(value, bool):
+        return ("t" if value else "f") if type_ == "bool" else json.dumps(value)
+    if not isinstance(value, str):
+        if isinstance(value, (dict, list)):  # noqa: UP038
+            return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        value = str(value)  # a JSON number
+    if type_ == "text":
         return value
-    text = str(value)
     try:
         if type_ == "timestamptz":
-            when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+            when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
             if when.tzinfo is None:
                 when = when.replace(tzinfo=dt.timezone.utc)
             return when.astimezone(dt.timezone.utc).isoformat(sep=" ")
         if type_ == "date":
-            return dt.date.fromisoformat(text).isoformat()
-        if type_ == "int":
-            return str(int(text))
-        if type_ in ("float", "decimal"):
-            n = Decimal(text)
-            return format(n.normalize(), "f") if n.is_finite() else text
+            return dt.date.fromisoformat(value).isoformat()
+        if type_ in ("int", "float", "decimal"):
+            n = Decimal(value)
+            if not n.is_finite():
+                return value
+            if type_ == "int" and n == n.to_integral_value():
+                return str(int(n))
+            return format(n.normalize(), "f")
         if type_ == "bool":
-            return {"t": "t", "true": "t", "f": "f", "false": "f"}.get(text.lower(), text)
-        if type_ == "json":
-            return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"),
-                              ensure_ascii=False)
+            return {"t": "t", "true": "t", "f": "f", "false": "f"}.get(value.lower(), value)
     except (ValueError, TypeError, InvalidOperation, OverflowError):
         return value
     return value

@@ -30,8 +30,8 @@ import httpx
 import psycopg
 from psycopg import sql
 
-from ..errors import SpecError, SyncError
 from ..delivery.sinks.http_client import Endpoint, encode_body
+from ..errors import SpecError, SyncError
 from ..spec import HttpTargetSpec, PipelineSpec, SyncSpec
 from ..spec.links import LinkRole
 from ..staging.links import BaseRow, ConflictRecord, LinkStore

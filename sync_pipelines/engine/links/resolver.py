@@ -21,7 +21,8 @@ agreed on):
    decision on the other side. Manual policies hold the key (rule 1 from then on).
 
 The new bases and the conflict log are written by :meth:`save`, inside the delivery's
-``record`` transaction, only for keys whose changes were all delivered. Both directions of a
+``record`` transaction, only for keys whose changes were all delivered (into an HTTP API:
+before its first request, see :meth:`LinkResolver._save_ahead`). Both directions of a
 link decide one window at a time (the ``link:<name>`` lock), so they never decide the same key
 from the same base at once. A crash anywhere replays the window: rule 2 repeats each decision.
 
@@ -117,7 +118,21 @@ class LinkResolver:
             if not ops:
                 _ = it.key  # its key comes from the ops it came with: worked out before
             it.ops = ops
+        if self.into_api:
+            self._save_ahead()
         return items
+
+    def _save_ahead(self) -> None:
+        """Into an API, decisions are durable before the first request: an API has no
+        transaction to roll back, and a replay after a crash between the requests and the
+        record would read the decision back from the API as if it were the API's own version
+        (and lose the marks of the version it overwrote). With the bases saved first, a replay
+        finds its decisions (rule 2) and sends them again; a change that then fails is retried
+        with the same decision."""
+        with self.store.conn.transaction():
+            self.store.save(list(self._bases.values()), self._conflicts)
+            if self._written:
+                self.store.save_echoes(self._written, [], self.role.echo_ttl_seconds)
 
     def _one(self, it: Item, op: TargetOp, current: dict[str, dict[Key, Any]],
              bases: dict[str, dict[str, BaseRow]], wal: dict[str, int]) -> list[TargetOp]:
@@ -237,7 +252,12 @@ class LinkResolver:
     # -- inside the record transaction -------------------------------------------------------
 
     def save(self, outcomes: Sequence[Outcome]) -> None:
-        """Bases and conflicts of the keys whose changes were all delivered."""
+        """Bases and conflicts of the keys whose changes were all delivered (into an API:
+        saved before the requests, see :meth:`_save_ahead`)."""
+        if self.into_api:
+            for conflict_id, side, version in self._absorbed:
+                self.store.absorb(conflict_id, side, version)
+            return
         failed = {tk for o in outcomes if o.status != "delivered"
                   for tk in self._keys_of.get(id(o.item), [])}
         bases = [b for tk, b in self._bases.items() if tk not in failed]

@@ -43,12 +43,10 @@ from typing import Any
 
 import httpx
 
-from ...capture.records import RecordError, field_text
 from ...errors import SpecError, TerminalDeliveryError, TransientDeliveryError
 from ...mapping.mapper import Delete, TableMapper, Truncate, Upsert
 from ...spec import HttpTargetSpec, PipelineSpec
 from ...spec.links import LinkRole
-from ...spec.sources import FieldSpec
 from ...staging.held import Failure
 from ...wire.change import Position
 from .base import ApplyResult, ApplyStats, Checkpoint, Item, Outcome, Record, Resolve
@@ -147,14 +145,12 @@ class HttpSink:
     def read_rows(self, table: str, columns: Sequence[str], key_columns: Sequence[str],
                   keys: Sequence[tuple[Any, ...]]) -> tuple[dict[tuple[Any, ...], dict[str, Any]],
                                                           int]:
-        """The API's current records of ``keys`` (``table`` as the link names it), each as
-        text in the API's field names; the position is 0 (an API has no WAL)."""
+        """The API's current records of ``keys`` (``table`` as the link names it): the JSON
+        values of ``columns`` (the API's field names; the link puts them in one form with the
+        other side's); the position is 0 (an API has no WAL)."""
         assert self.link is not None and self.reader is not None
         first, role = self.link.table_of_target(table)
         assert role.api is not None
-        back = {v: k for k, v in role.columns.items()}
-        fields = {c: FieldSpec(path=c, type=role.api.types.get(back.get(c, c), "text"))
-                  for c in columns}  # type: ignore[arg-type]
         # Only the path template is used: Endpoint models the write requests (GET is not one).
         get = Endpoint("PUT", role.api.get.split()[1])
 
@@ -178,11 +174,11 @@ class HttpSink:
                 raise TransientDeliveryError(f"{what} answered {answer.status_code}")
             try:
                 record = answer.json()
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-                return key, {c: field_text(table, c, f, record.get(c)) for c, f in fields.items()}
-            except (ValueError, RecordError) as err:
-                raise TransientDeliveryError(f"{what}: unreadable record ({err})") from None
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                raise TransientDeliveryError(f"{what}: the answer is not a JSON object")
+            return key, {c: record.get(c) for c in columns}
 
         with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(keys)))) as pool:
             found = dict(pool.map(one, keys))
