@@ -163,6 +163,54 @@ def test_sensor_ticks_and_delivery_job_runs(tmp_path, monkeypatch, source_dsn, t
         assert isinstance(again, dg.SkipReason)
 
 
+def test_a_steady_stream_gets_one_draining_run_not_one_run_per_batch(
+        tmp_path, monkeypatch, source_dsn, target_dsn, state_dsn):
+    execute(source_dsn, "CREATE TABLE accounts (id int PRIMARY KEY, name text, tier int)")
+    spec = write_spec(tmp_path, monkeypatch, source_dsn, target_dsn, state_dsn)
+    defs = build_definitions(str(spec))
+    job = defs.resolve_job_def("crm_deliver_reporting_job")
+
+    def draining(request: dg.RunRequest) -> bool:
+        return request.run_config["ops"]["sync__crm__delivered__reporting"]["config"][
+            "keep_draining"]
+
+    cursor: list[str | None] = [None]
+
+    def tick_with_cursor(instance: dg.DagsterInstance):  # as the daemon does
+        sensor = defs.get_sensor_def("crm_replication_sensor")
+        with dg.build_sensor_context(instance=instance, cursor=cursor[0], resources={
+                "sync": SyncEngine(spec_path=str(spec))}) as ctx:
+            result = sensor(ctx)
+            cursor[0] = (result.cursor if isinstance(result, dg.SensorResult) else ctx.cursor)
+        return result
+
+    with dg.instance_for_test() as instance:
+        tick_with_cursor(instance)
+        execute(source_dsn, "INSERT INTO accounts VALUES (1, 'a', 1)")
+        # A first batch after a quiet tick: a run that delivers what is there and ends.
+        [first] = tick_with_cursor(instance).run_requests
+        assert not draining(first)
+        # Changes on consecutive ticks: the stream is steady, the run asked for drains it.
+        execute(source_dsn, "INSERT INTO accounts VALUES (2, 'b', 1)")
+        [second] = tick_with_cursor(instance).run_requests
+        assert draining(second)
+        # While that run is going on (started, draining), newly staged batches are its own:
+        # the sensor asks for no second run.
+        started = instance.create_run_for_job(job, run_config=second.run_config,
+                                              tags=second.tags,
+                                              status=dg.DagsterRunStatus.STARTED)
+        execute(source_dsn, "INSERT INTO accounts VALUES (3, 'c', 1)")
+        assert tick_with_cursor(instance).run_requests == []
+        instance.report_run_canceled(started)
+        # Once it ended, what it left is asked for; a quiet tick ends the steady stream.
+        [third] = tick_with_cursor(instance).run_requests
+        assert not draining(third)  # this tick staged nothing new: no longer steady
+        run = job.execute_in_process(run_config=third.run_config, instance=instance,
+                                     tags=third.tags)
+        assert run.success
+        assert_tables_equal(source_dsn, target_dsn, "accounts", columns="id, tier")
+
+
 def test_failed_delivery_run_is_visible_and_redelivered(tmp_path, monkeypatch, source_dsn,
                                                         target_dsn, state_dsn):
     execute(source_dsn, "CREATE TABLE accounts (id int PRIMARY KEY, name text, tier int)")

@@ -197,3 +197,96 @@ def test_idle_slot_advances_over_unrelated_changes(monkeypatch, source_dsn, targ
     assert slot >= after_writes > slot_before, (slot, after_writes, slot_before)
     assert report.advanced_to == slot
     assert rows(state_dsn, "SELECT advanced_lsn FROM sync_state.pipeline") == [(slot,)]
+
+
+def test_a_draining_delivery_takes_what_is_staged_while_it_runs_and_lets_others_in(
+        monkeypatch, source_dsn, target_dsn, state_dsn):
+    """A Dagster delivery run keeps delivering while the sensor stages (``keep_draining``),
+    ends once nothing new came for ``run_idle_seconds``, and between passes leaves the
+    target's lock free (a sweep or a conflict resolution is not kept out)."""
+    import threading
+    import time
+
+    from sync_pipelines.engine.pipeline import deliver_target, open_state
+
+    execute(source_dsn, "CREATE TABLE items (id int PRIMARY KEY, v int, note text)")
+    spec = make_spec(monkeypatch, source_dsn=source_dsn, target_dsn=target_dsn,
+                     state_dsn=state_dsn, tables=["items"],
+                     policy={"run_drain_seconds": 30, "run_idle_seconds": 1.5})
+    pull_pipeline(spec, "crm")
+    execute(source_dsn, "INSERT INTO items SELECT g, 0, 'a' FROM generate_series(1, 100) g")
+    pull_pipeline(spec, "crm")
+    reports, progress = [], []
+
+    def run() -> None:
+        reports.append(deliver_target(spec, "crm", "replica", keep_draining=True,
+                                      progress=progress.append))
+
+    t0 = time.monotonic()
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(0.6)
+    lock_free = False
+    with open_state(spec) as state:  # the run idles between passes: the lock is free then
+        for _ in range(20):
+            if state.try_lock("deliver:crm:replica"):
+                state.unlock("deliver:crm:replica")
+                lock_free = True
+                break
+            time.sleep(0.05)
+    execute(source_dsn, "INSERT INTO items SELECT g, 0, 'b' FROM generate_series(101, 150) g")
+    pull_pipeline(spec, "crm")  # staged while the run is going on: it takes these too
+    worker.join(timeout=30)
+    elapsed = time.monotonic() - t0
+    [report] = reports
+    assert lock_free
+    assert (report.changes, len(report.batches)) == (150, 2)
+    assert [p.changes for p in progress] == [100, 150]  # one progress report per window
+    assert 1.5 < elapsed < 10  # ended by the idle time, not the 30 s bound
+    assert_tables_equal(source_dsn, target_dsn, "items")
+    # Without keep_draining (the engine's default, and every test's) a delivery ends at once.
+    execute(source_dsn, "UPDATE items SET v = 1")
+    pull_pipeline(spec, "crm")
+    t0 = time.monotonic()
+    assert sum(r.changes for r in deliver_pipeline(spec, "crm")) == 150
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_a_draining_delivery_is_bounded_in_time(monkeypatch, source_dsn, target_dsn,
+                                                state_dsn):
+    """A steady stream does not keep one run going for ever: it stops at run_drain_seconds
+    (between windows) and the rest is the next run's."""
+    import threading
+    import time
+
+    from sync_pipelines.engine.pipeline import deliver_target
+
+    execute(source_dsn, "CREATE TABLE items (id int PRIMARY KEY, v int, note text)")
+    spec = make_spec(monkeypatch, source_dsn=source_dsn, target_dsn=target_dsn,
+                     state_dsn=state_dsn, tables=["items"],
+                     policy={"run_drain_seconds": 2, "run_idle_seconds": 5})
+    pull_pipeline(spec, "crm")
+    stop = threading.Event()
+
+    def stream() -> None:  # a change and a pull every 0.2 s, like a busy source and sensor
+        i = 0
+        while not stop.is_set():
+            i += 1
+            execute(source_dsn, f"INSERT INTO items VALUES ({i}, 0, 's')")
+            pull_pipeline(spec, "crm")
+            time.sleep(0.2)
+
+    feeder = threading.Thread(target=stream)
+    feeder.start()
+    try:
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        report = deliver_target(spec, "crm", "replica", keep_draining=True)
+        elapsed = time.monotonic() - t0
+    finally:
+        stop.set()
+        feeder.join()
+    assert 2 <= elapsed < 4
+    assert len(report.batches) >= 3  # it kept taking new batches while within the bound
+    sync_until_idle(spec)
+    assert_tables_equal(source_dsn, target_dsn, "items")

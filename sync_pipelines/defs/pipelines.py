@@ -9,14 +9,20 @@ For a pipeline ``p`` with targets ``t1..tn``:
   keeps one delivery at a time per target, in the order asked): a target that is down, slow
   or failing fails its own runs against its own asset and never holds up the others;
 * sensor ``p_replication_sensor`` (running by default) pulling within the demand budget and
-  asking for a delivery of every target that has staged work it has not delivered — once per
-  newly staged batch, and again after ``redeliver_after_seconds`` when a failed run left work
-  behind and nothing is queued or running for that target.
+  asking for a delivery of every target that has staged work it has not delivered — when new
+  batches were staged and no run of that target is queued or running, and again after
+  ``redeliver_after_seconds`` when a failed run left work behind. While changes keep coming
+  (this tick and the one before staged some) the run it asks for keeps draining: it delivers
+  what the sensor stages while it runs, up to the policy's ``run_drain_seconds``, and ends
+  after ``run_idle_seconds`` without new work — one run keeps up with a steady stream instead
+  of one run (and one process start-up) per batch. The sensor's cursor remembers whether the
+  last tick staged anything (and, for webhook sources, the last batch it reported).
 
 Bodies stay thin: each calls one engine function and turns its report into metadata.
 """
 
 
+import json
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -49,6 +55,10 @@ class SyncStepFailed(Exception):
 class DeliverConfig(dg.Config):
     upto_batch: int | None = None
     """Deliver staged batches up to this id (all staged batches if empty)."""
+    keep_draining: bool = False
+    """Also deliver what the sensor stages while the run goes on (the pipeline's
+    ``run_drain_seconds`` / ``run_idle_seconds``): the sensor sets it while changes keep
+    coming. Off: only what is staged when the run starts. Ignored with ``upto_batch``."""
 
 
 def _delivered_asset(pipeline: PipelineSpec, target: str) -> dg.AssetsDefinition:
@@ -58,8 +68,13 @@ def _delivered_asset(pipeline: PipelineSpec, target: str) -> dg.AssetsDefinition
     @dg.asset(key=delivered_key(p, target), deps=[staged_key(p)], group_name=p, kinds={kind},
               description=f"Changes of pipeline {p} applied to target {target} ({kind}).")
     def delivered(context: dg.AssetExecutionContext, config: DeliverConfig, sync: SyncEngine):
+        def progress(so_far: Any) -> None:
+            context.log.info(f"{p} → {target}: {so_far.changes} changes delivered so far "
+                             f"(batches up to {so_far.batches[-1]}), {so_far.lsn_range}")
+
         try:
-            r = engine.deliver_target(sync.spec(), p, target, upto_batch=config.upto_batch)
+            r = engine.deliver_target(sync.spec(), p, target, upto_batch=config.upto_batch,
+                                      keep_draining=config.keep_draining, progress=progress)
         except SyncError as err:
             # dg.Failure shows the engine's message (which names the fix) in the UI as is.
             raise dg.Failure(description=str(err), metadata={
@@ -149,14 +164,21 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
         if report.refetch.error:  # the stream goes on; the rows are asked for again next tick
             context.log.warning(f"{p}: {report.refetch.pending} row(s) waiting to be re-read "
                                 f"from the source: {report.refetch.error}")
+        received = None
+        last_tick = _cursor(context.cursor)
+        if kind == "webhook":  # the receiver staged them
+            received = engine.webhooks_received(spec, p, last_tick.get("after") or 0)
+        staged_now = bool(report.batches) or (received is not None
+                                              and received.last_batch is not None)
+        steady = staged_now and bool(last_tick.get("staged"))
         now = datetime.now(timezone.utc)
         requests = []
         for b in backlog:
             if not b.batches or b.newest_batch is None:
                 continue
             if b.newest_batch > (b.requested_batch or 0):
-                if _runs(context, p, b.target, _WAITING):
-                    continue  # a queued run delivers everything staged when it starts
+                if _runs(context, p, b.target, _ACTIVE):
+                    continue  # a queued run delivers what is staged, a running one drains it
                 key = f"{p}-{b.target}-batch-{b.newest_batch}"
             elif (b.requested_at is None or now - b.requested_at > redeliver_after) and not (
                     _runs(context, p, b.target, _ACTIVE)):
@@ -167,24 +189,35 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
             requests.append(dg.RunRequest(
                 run_key=key, job_name=jobs[b.target].name, tags=target_tag(p, b.target),
                 run_config={"ops": {deliver_op_name(p, b.target): {
-                    "config": {"upto_batch": None}}}}))
+                    "config": {"upto_batch": None, "keep_draining": steady}}}}))
         events = [dg.AssetMaterialization(staged_key(p), metadata=_batch_metadata(b, report))
                   for b in report.batches]
-        cursor = context.cursor
-        if kind == "webhook":  # the receiver staged them: one materialization per tick
-            after = int(cursor) if cursor and cursor.isdigit() else 0
-            received = engine.webhooks_received(spec, p, after)
-            if received.last_batch is not None:
-                events.append(dg.AssetMaterialization(
-                    staged_key(p), metadata=_received_metadata(received)))
-                cursor = str(received.last_batch)
+        after = last_tick.get("after")
+        if received is not None and received.last_batch is not None:  # one event per tick
+            events.append(dg.AssetMaterialization(
+                staged_key(p), metadata=_received_metadata(received)))
+            after = received.last_batch
+        cursor = json.dumps({"after": after, "staged": staged_now})
         if not requests and not events:
+            context.update_cursor(cursor)
             return dg.SkipReason(_skip_reason(report, backlog))
         return dg.SensorResult(run_requests=requests, asset_events=events, cursor=cursor)
 
     return dg.Definitions(
         assets=[source, staged, *assets], jobs=list(jobs.values()),
         sensors=[replication_sensor])
+
+
+def _cursor(text: str | None) -> dict[str, Any]:
+    """The sensor's cursor: ``{"after": last webhook batch reported, "staged": whether the
+    last tick staged changes}`` (a bare batch id from earlier versions is read too)."""
+    if text and text.isdigit():
+        return {"after": int(text), "staged": False}
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _skip_reason(report: Any, backlog: list[Any]) -> str:

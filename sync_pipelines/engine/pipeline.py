@@ -103,17 +103,24 @@ def _target(pipeline: PipelineSpec, target: str) -> None:
 
 
 def deliver_target(spec: SyncSpec, name: str, target: str, *, upto_batch: int | None = None,
-                   lock_timeout_s: float = 300.0, faults: Faults = NO_FAULTS
+                   lock_timeout_s: float = 300.0, faults: Faults = NO_FAULTS,
+                   keep_draining: bool = False,
+                   progress: Callable[[DeliveryReport], None] | None = None
                    ) -> DeliveryReport:
     """One delivery run's work for one target (see :mod:`.delivery.loop`), then clean-up of
     the batches every target has applied. Waits up to ``lock_timeout_s`` for another delivery
-    of the target to finish (a :class:`~.errors.TransientDeliveryError` after that)."""
+    of the target to finish (a :class:`~.errors.TransientDeliveryError` after that). With
+    ``keep_draining`` (a Dagster run), it also delivers what is staged while it runs, as the
+    pipeline's ``run_drain_seconds`` and ``run_idle_seconds`` allow."""
     pipeline = spec.pipelines[name]
     _target(pipeline, target)
+    drain = (pipeline.policy.run_drain_seconds, pipeline.policy.run_idle_seconds) if (
+        keep_draining) else (0.0, 0.0)
     with open_state(spec) as state:
         with closing(open_sink(pipeline, target)) as sink:
             report = deliver(state, pipeline, target, sink, upto_batch=upto_batch,
-                             lock_timeout_s=lock_timeout_s, faults=faults)
+                             lock_timeout_s=lock_timeout_s, faults=faults,
+                             keep_draining_s=drain[0], idle_s=drain[1], progress=progress)
         state.collect_garbage(name, list(pipeline.targets))
     return report
 

@@ -2,7 +2,8 @@
 
 :func:`deliver` is the delivery run's work for one target:
 
-1. takes the ``deliver:<pipeline>:<target>`` advisory lock (a concurrent run or sweep waits);
+1. takes the ``deliver:<pipeline>:<target>`` advisory lock (a concurrent run or sweep waits;
+   a draining run takes it per pass, see 5);
 2. starts after the target's position — the sink's own checkpoint where it keeps one (it is
    authoritative: written in the same target transaction as the changes), else the state's
    delivered position; batches the checkpoint already covers are only recorded;
@@ -10,7 +11,12 @@
    batches): reads the changes, maps them, and — when anything is held for the target —
    parks the changes of blocked keys behind what blocks them; hands the rest to the sink,
    which records the outcomes (:mod:`.outcomes`) before making its work final;
-4. moves the state's delivered position past the window, only after the sink is done.
+4. moves the state's delivered position past the window, only after the sink is done;
+5. with ``keep_draining_s`` (a Dagster delivery run): looks again for batches staged since it
+   started and delivers them too, until nothing new has come for ``idle_s`` or it has run for
+   ``keep_draining_s`` — so a run keeps up with a steady stream instead of ending after the
+   batches it was asked for while the next one waits behind a process start-up. A run is still
+   one bounded unit of work, and stops between windows (never inside one).
 
 Per-key order holds because one delivery (or sweep) at a time works on a target, windows go
 in position order, a sink keeps order within a window, and a key that failed stays blocked
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from ..errors import TransientDeliveryError
@@ -145,73 +151,96 @@ def before(batch: BatchInfo) -> Position:
     return Position(batch.first.commit_lsn, batch.first.seq - 1)
 
 
+DRAIN_POLL_S = 0.2
+"""How often a draining run looks for newly staged batches (one indexed query)."""
+
+
 def deliver(
     state: StateStore, pipeline: PipelineSpec, target: str, sink: Sink, *,
     upto_batch: int | None = None, faults: Faults = NO_FAULTS, lock_timeout_s: float = 300.0,
+    keep_draining_s: float = 0.0, idle_s: float = 0.0,
+    progress: Callable[[DeliveryReport], None] | None = None,
 ) -> DeliveryReport:
-    """Deliver every staged batch up to ``upto_batch`` (all if None) to ``target``."""
+    """Deliver every staged batch up to ``upto_batch`` (all if None) to ``target``; with
+    ``keep_draining_s``, also those staged meanwhile (step 5 above). ``progress`` is called
+    with the report so far after each window."""
     started = time.monotonic()
     lock = target_lock(pipeline.name, target)
-    wait_for_lock(state, lock, lock_timeout_s)
-    try:
-        held = HeldStore(state, pipeline.name, target)
-        items = Items(state, pipeline, sink)
-        delivered = state.delivered(pipeline.name, target)
-        own = sink.checkpoint()
-        position = own if own is not None else delivered  # the target's own word wins
-        done: list[BatchInfo] = []
-        skipped: list[int] = []
-        changes = n_held = n_dead = 0
-        stats = ApplyStats()
-        pending = []
-        for b in state.batches(pipeline.name, upto=upto_batch):
-            if b.last > position:
-                pending.append(b)
-            elif b.last > delivered:  # the target applied it before a crash: only record it
-                skipped.append(b.batch_id)
-                state.record_delivered(pipeline.name, target, b.last, b.batch_id)
-            # else: delivered here, kept staged for another target
-        for window in windows(pending, sink.window_changes):
-            first, last = window[0], window[-1]
-            with collector_paused():
-                rows = state.read_changes_with_messages(
-                    pipeline.name, max(position, before(first)), last.last)
-                accepted = held.delivered_subs(first.first, last.last)  # HTTP ledger
-                parked: list[HeldChange] = []
-                live: Iterator[Item] | list[Item]
-                if held.any_held():  # some keys may be blocked: find them before sending
-                    batch_items = list(items.staged(rows, accepted))
-                    blocked = held.blocked(it.key for it in batch_items)
-                    taken = held.taken(first.first, last.last) if blocked else set()
-                    parked = [it.change for it in batch_items
-                              if it.key in blocked and it.position not in taken]
-                    live = [it for it in batch_items if it.key not in blocked]
-                else:  # nothing is blocked: decode and map while the sink starts sending
-                    live = items.staged(rows, accepted)
-                faults.hit("before_apply")
-                with link_window(state, pipeline, lock_timeout_s) as link:
-                    recorder = _Recorder(state, pipeline, target, parked, faults, link)
-                    result = sink.apply(live, checkpoint=Checkpoint(last.last, last.batch_id),
-                                        record=recorder,
-                                        resolve=link.resolve if link is not None else None)
-                n_rows = len(rows)
-                del rows, live  # freed before the collector runs again
-            faults.hit("after_apply")
-            with state.conn.transaction():
-                state.record_delivered(pipeline.name, target, last.last, last.batch_id)
-                state.log_delivered(pipeline.name, target, [b.batch_id for b in window])
-                held.trim_ledger(last.last)
-            position = last.last
-            changes += n_rows
-            done.extend(window)
-            stats += result.stats
-            n_held += recorder.tally.held
-            n_dead += recorder.tally.dead
-        return DeliveryReport.of(pipeline.name, target, done, changes, stats, started,
-                                 skipped=tuple(skipped), held_changes=n_held,
-                                 dead_letters=n_dead)
-    finally:
-        state.unlock(lock)
+    held = HeldStore(state, pipeline.name, target)
+    items = Items(state, pipeline, sink)
+    done: list[BatchInfo] = []
+    skipped: list[int] = []
+    changes = n_held = n_dead = 0
+    stats = ApplyStats()
+    last_work = time.monotonic()
+    while True:
+        # The lock is taken per pass, so a draining run that waits for work does not keep
+        # a retry sweep or a conflict resolution of the target out; each pass starts from the
+        # target's position as it is then.
+        wait_for_lock(state, lock, lock_timeout_s)
+        try:
+            delivered = state.delivered(pipeline.name, target)
+            own = sink.checkpoint()
+            position = own if own is not None else delivered  # the target's own word wins
+            pending = []
+            for b in state.batches(pipeline.name, upto=upto_batch):
+                if b.last > position:
+                    pending.append(b)
+                elif b.last > delivered:  # the target applied it before a crash: record it
+                    skipped.append(b.batch_id)
+                    state.record_delivered(pipeline.name, target, b.last, b.batch_id)
+                # else: delivered here, kept staged for another target
+            for window in windows(pending, sink.window_changes):
+                first, last = window[0], window[-1]
+                with collector_paused():
+                    rows = state.read_changes_with_messages(
+                        pipeline.name, max(position, before(first)), last.last)
+                    accepted = held.delivered_subs(first.first, last.last)  # HTTP ledger
+                    parked: list[HeldChange] = []
+                    live: Iterator[Item] | list[Item]
+                    if held.any_held():  # some keys may be blocked: find them before sending
+                        batch_items = list(items.staged(rows, accepted))
+                        blocked = held.blocked(it.key for it in batch_items)
+                        taken = held.taken(first.first, last.last) if blocked else set()
+                        parked = [it.change for it in batch_items
+                                  if it.key in blocked and it.position not in taken]
+                        live = [it for it in batch_items if it.key not in blocked]
+                    else:  # nothing is blocked: decode and map while the sink starts sending
+                        live = items.staged(rows, accepted)
+                    faults.hit("before_apply")
+                    with link_window(state, pipeline, lock_timeout_s) as link:
+                        recorder = _Recorder(state, pipeline, target, parked, faults, link)
+                        result = sink.apply(
+                            live, checkpoint=Checkpoint(last.last, last.batch_id),
+                            record=recorder, resolve=link.resolve if link is not None else None)
+                    n_rows = len(rows)
+                    del rows, live  # freed before the collector runs again
+                faults.hit("after_apply")
+                with state.conn.transaction():
+                    state.record_delivered(pipeline.name, target, last.last, last.batch_id)
+                    state.log_delivered(pipeline.name, target, [b.batch_id for b in window])
+                    held.trim_ledger(last.last)
+                position = last.last
+                changes += n_rows
+                done.extend(window)
+                stats += result.stats
+                n_held += recorder.tally.held
+                n_dead += recorder.tally.dead
+                if progress is not None:
+                    progress(DeliveryReport.of(pipeline.name, target, done, changes, stats,
+                                               started, held_changes=n_held,
+                                               dead_letters=n_dead))
+        finally:
+            state.unlock(lock)
+        now = time.monotonic()
+        if pending:
+            last_work = now
+        if (upto_batch is not None or now - started >= keep_draining_s
+                or now - last_work >= idle_s):
+            break
+        time.sleep(DRAIN_POLL_S)  # the sensor stages the next batch meanwhile
+    return DeliveryReport.of(pipeline.name, target, done, changes, stats, started,
+                             skipped=tuple(skipped), held_changes=n_held, dead_letters=n_dead)
 
 
 class _Recorder:

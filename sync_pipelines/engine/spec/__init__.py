@@ -333,6 +333,12 @@ class PolicySpec(_Model):
     """Rows fetched per round trip from the slot's server-side cursor."""
     redeliver_after_seconds: int = Field(default=30, ge=5)
     """A batch left undelivered (failed run) is requested again after this long."""
+    run_drain_seconds: float = Field(default=60.0, ge=0, le=3600)
+    """A delivery run (Dagster) goes on delivering what the sensor stages while it runs, up to
+    this long; 0: only what was staged when it started."""
+    run_idle_seconds: float = Field(default=12.0, ge=0, le=600)
+    """...and ends once nothing new was staged for this long (longer than a sensor interval,
+    so a steady stream keeps one run busy instead of starting one per batch)."""
     retry: RetrySpec = Field(default_factory=RetrySpec)
     """Retry and dead-letter policy for changes a target refuses."""
     retry_warn: int = Field(default=100, ge=0)
