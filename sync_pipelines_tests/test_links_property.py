@@ -87,7 +87,7 @@ def drop_slots(dsn: str, name: str) -> None:
                 execute(dsn, f"SELECT pg_drop_replication_slot('{slot}')")
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[
+@settings(max_examples=int(__import__("os").environ.get("LINK_EXAMPLES", "20")), deadline=None, suppress_health_check=[
     HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(rounds=st.lists(ROUND, min_size=1, max_size=4))
 def test_random_interleavings_converge_to_what_the_policy_dictates(

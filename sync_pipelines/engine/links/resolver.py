@@ -2,9 +2,11 @@
 
 Contract: :meth:`LinkResolver.resolve` runs **inside the target's apply transaction**
 (the Postgres sink calls it after locking the window's rows with ``SELECT ... FOR UPDATE``, so
-no local write slips between the check and the write). For each change, with ``v`` the
-incoming version, ``y`` the target's current row and the key's base (what both sides last
-agreed on):
+no local write slips between the check and the write). Per key only its last change in the
+window is weighed (completed by earlier ones where it is partial): versions the other side
+never saw do not count, and a key created and deleted in one window is no change. For each
+such change, with ``v`` the incoming version, ``y`` the target's current row and the key's
+base (what both sides last agreed on):
 
 1. the key is held (a manual conflict): the change is absorbed into the conflict (its version
    kept there), nothing is written — other keys go on;
@@ -12,8 +14,14 @@ agreed on):
    decision is repeated, not taken again;
 3. the change is older than a decision that already weighed its side's version
    (``superseded``: the other direction met the conflict first): the decision is written;
-4. ``v`` equals ``y``: nothing to write; they agree on ``v``;
-5. ``y`` equals the base (the target did not change the key): ``v`` is written; they agree;
+4. ``v`` equals ``y``: nothing to write; they agree on ``v``; ``v`` equals the base (the
+   source wrote the same values again): nothing to write, the target's version goes the
+   other way;
+5. ``y`` equals the base (the target did not change the key): ``v`` is written; they agree.
+   Into PostgreSQL the target is marked as weighed up to its WAL position: its own changes of
+   the key still on their way (made and undone before this write) meet rule 3;
+5b. ``v`` is a delete of a key without a base while the target has a version: nothing to undo
+   (the target's version reaches the source through the other direction); not a conflict;
 6. otherwise **both sides changed the key**: a conflict. :func:`.policy.decide` gives the
    version both get; it is written to the target, the base becomes it, and the target's
    side is marked as weighed up to its current WAL position — its own change of the key is
@@ -54,6 +62,7 @@ from ..spec import PipelineSpec
 from ..spec.links import LinkRole, LinkTableRole
 from ..staging.links import BaseRow, ConflictRecord, LinkStore, key_text
 from ..staging.store import StateStore
+from .api_reader import ApiReader
 from .canon import api_row, canonical_row, echo_hash, view
 from .policy import NO_BASE, decide
 
@@ -85,7 +94,7 @@ class LinkResolver:
 
     # -- inside the target transaction -------------------------------------------------------
 
-    def resolve(self, items: list[Item], read: ReadRows) -> list[Item]:
+    def resolve(self, items: list[Item], read: ReadRows | None) -> list[Item]:
         self._bases.clear()
         self._conflicts.clear()
         self._absorbed.clear()
@@ -93,6 +102,7 @@ class LinkResolver:
         self._written.clear()
         self._consumed.clear()
         self._echoes.clear()
+        _net(items)
         by_table: dict[str, tuple[Item, set[Key]]] = {}
         for it in items:
             for op in it.ops:
@@ -101,18 +111,37 @@ class LinkResolver:
         current: dict[str, dict[Key, dict[str, Any] | None]] = {}
         wal: dict[str, int] = {}
         bases: dict[str, dict[str, BaseRow]] = {}
-        for table, (it, keys) in by_table.items():
-            first, trole = self.role.table_of_target(table)
-            cols = [c.name for c in it.table.columns]
-            ordered = sorted(keys, key=lambda k: [str(v) for v in k])
-            rows, lsn = read(table, cols, it.table.key_names, ordered)
-            current[table] = {k: self._canon(trole, self.role.to_first_names(first, r))
-                              for k, r in rows.items()}
-            wal[table] = lsn
-            texts = [key_text(k) for k in keys]
-            bases[table] = self.store.bases(first, texts)
-            if self.from_api and trole.api is not None:
-                self._echoes[first] = self.store.echoes(first, texts)
+        reader = ApiReader(self.role) if self.role.api_side is not None and by_table else None
+        try:
+            for table, (it, keys) in by_table.items():
+                first, trole = self.role.table_of_target(table)
+                ordered = sorted(keys, key=lambda k: [str(v) for v in k])
+                if reader is not None and trole.api is not None and self.into_api:
+                    rows = self._api_rows(reader, trole, it.table.key_names, ordered)
+                    lsn = 0  # an API has no WAL: its side is weighed by digests
+                else:
+                    assert read is not None
+                    cols = [c.name for c in it.table.columns]
+                    raw, lsn = read(table, cols, it.table.key_names, ordered)
+                    rows = {k: self._canon(trole, self.role.to_first_names(first, r))
+                            for k, r in raw.items()}
+                current[table] = rows
+                wal[table] = lsn
+                texts = [key_text(k) for k in keys]
+                bases[table] = self.store.bases(first, texts)
+                if reader is not None and trole.api is not None and self.from_api:
+                    self._echoes[first] = self.store.echoes(first, texts)
+                    # What the API holds now is the version weighed, not what a (possibly
+                    # late) notice says it held: see :mod:`.api_reader`.
+                    now = self._api_rows(reader, trole, [
+                        trole.columns.get(c, c) for c in it.table.key_names], ordered)
+                    for item in items:
+                        item.ops = [_as_now(op, now, trole) if getattr(op, "table", None)
+                                    == table and not isinstance(op, Truncate) else op
+                                    for op in item.ops]
+        finally:
+            if reader is not None:
+                reader.close()
         for it in items:
             ops = [out for op in it.ops for out in self._one(it, op, current, bases, wal)]
             if not ops:
@@ -121,6 +150,20 @@ class LinkResolver:
         if self.into_api:
             self._save_ahead()
         return items
+
+    def _api_rows(self, reader: ApiReader, trole: LinkTableRole, key_fields: list[str],
+                  keys: list[Key]) -> dict[Key, dict[str, Any] | None]:
+        """The API's records of ``keys`` (``key_fields``: the record's key fields, in the
+        order of each key's values), in first-side names and one form; absent keys left out."""
+        assert trole.api is not None
+        names = trole.columns  # first-side column → the record's JSON field
+        records = reader.current(trole.api.get, key_fields, keys)
+        out: dict[Key, dict[str, Any] | None] = {}
+        for key, record in records.items():
+            if record is not None:
+                out[key] = self._canon(trole, {c: record.get(names.get(c, c))
+                                               for c in trole.api.types})
+        return out
 
     def _save_ahead(self) -> None:
         """Into an API, decisions are durable before the first request: an API has no
@@ -161,6 +204,11 @@ class LinkResolver:
             marks = dict(superseded if superseded is not None else (b.superseded if b else {}))
             if self.from_api and superseded is None:
                 marks.pop(src, None)  # an API change accepted: the API has moved on
+            # This change of the source is accounted for: delivered again (a crash before the
+            # window was recorded, the base moved on meanwhile), it meets rule 3.
+            seen = marks.get(f"seen:{src}")
+            if seen is None or tuple(seen) < pos:
+                marks[f"seen:{src}"] = [pos[0], pos[1]]
             self._bases[(first, k)] = BaseRow(first, k, row, self.direction, pos[0], pos[1],
                                               marks, held)
 
@@ -187,12 +235,17 @@ class LinkResolver:
             return []
         if b is not None and b.set_by == self.direction and (b.set_lsn, b.set_seq) == pos:
             return write(b.row)  # rule 2: this change was decided before a crash
-        if b is not None and self._superseded(b, src, v, pos[0], trole):
+        if b is not None and self._superseded(b, src, v, pos[0], pos[1], trole):
             self.stats["superseded"] += 1  # rule 3
             marks = dict(b.superseded)
             if isinstance(marks.get(src), list):  # an API's digests count once each
                 assert api is not None
-                marks[src] = [d for d in marks[src] if d != echo_hash(v, api)]
+                digest = echo_hash(v, api)
+                marks[src] = [d for d in marks[src] if d != digest]
+                echoes = self._echoes.get(first, {}).get(k)
+                if echoes and digest in echoes:  # the decision's own echo: seen now
+                    echoes.discard(digest)
+                    self._consumed.append((first, k, digest))
             agreed(b.row, marks)
             return write(b.row)
         if api is not None and self.from_api:  # rule 0: the link's own write, come back
@@ -207,12 +260,30 @@ class LinkResolver:
             agreed(v)
             current[op.table][key] = v
             return []
+        if b is not None and same(v, b.row):
+            # Rule 4b: the source holds what both agreed on (it wrote the same values again):
+            # only the target changed, and its version reaches the source the other way.
+            return []
         if (b is None and y is None) or (b is not None and same(b.row, y)):
-            agreed(v)  # rule 5
+            # Rule 5. Into PostgreSQL, the target's own changes of the key up to now are in
+            # ``y`` (equal to the base): any still on their way through the other direction
+            # are weighed, and must not undo this write when they arrive (rule 3 there).
+            if not self.into_api:
+                agreed(v, {**(b.superseded if b else {}), dst: wal[op.table]}
+                       if not self.from_api else {
+                           **{s_: m for s_, m in (b.superseded if b else {}).items()
+                              if s_ != src}, dst: wal[op.table]})
+            else:
+                agreed(v)
             if api is not None or (isinstance(op, Upsert) and op.partial):
                 return write(v)
             current[op.table][key] = v
             return [op]
+        if v is None and b is None:
+            # A key the link never carried, deleted on the source while the target has a
+            # version: nothing to undo there (the target's version reaches the source through
+            # the other direction). Typical: created and deleted within one window.
+            return []
         # Rule 6: both sides changed the key since they agreed.
         versions = {s: (v if s == src else y) for s in (role.first_side, _other(role))}
         decision = decide(trole.conflict, b.row if b is not None else NO_BASE, versions,
@@ -236,8 +307,11 @@ class LinkResolver:
         return write(decision.row)
 
     def _superseded(self, b: BaseRow, side: str, v: dict[str, Any] | None, lsn: int,
-                    trole: LinkTableRole) -> bool:
+                    seq: int, trole: LinkTableRole) -> bool:
         """Whether this change of ``side`` was weighed in a decision already (rule 3)."""
+        seen = b.superseded.get(f"seen:{side}")
+        if seen is not None and (lsn, seq) <= tuple(seen):
+            return True
         mark = b.superseded.get(side)
         if mark is None:
             return False
@@ -274,3 +348,45 @@ class LinkResolver:
 
 def _other(role: LinkRole) -> str:
     return role.target_side if role.source_side == role.first_side else role.source_side
+
+
+def _net(items: list[Item]) -> None:
+    """Per key, only its last version in the window is weighed: the source's earlier changes
+    of it were never seen by the other side (a key created and deleted in one window is no
+    change at all). The last op of each key stays in its item, completed by the earlier ones
+    where it is partial (unchanged large values); the earlier ops are dropped."""
+    last: dict[tuple[str, Key], tuple[Item, int]] = {}
+    net: dict[tuple[str, Key], TargetOp] = {}
+    for it in items:
+        for i, op in enumerate(it.ops):
+            if isinstance(op, Truncate):
+                continue
+            k = (op.table, tuple(op.key))
+            before = net.get(k)
+            if isinstance(op, Upsert) and op.partial and isinstance(before, Upsert):
+                op = Upsert(op.table, op.key, {**before.row, **op.row}, before.partial,
+                            op.position)
+            net[k] = op
+            last[k] = (it, i)
+    if all(len(it.ops) <= 1 for it in items) and len(last) == sum(len(it.ops) for it in items):
+        return  # every key once: nothing to fold (the common case)
+    keep: dict[int, dict[int, TargetOp]] = {}
+    for k, (it, i) in last.items():
+        keep.setdefault(id(it), {})[i] = net[k]
+    for it in items:
+        mine = keep.get(id(it), {})
+        _ = it.key  # the change's key (retry queue, dead letters) is that of the ops it came with
+        it.ops = [mine[i] if i in mine else op for i, op in enumerate(it.ops)
+                  if i in mine or isinstance(op, Truncate)]
+
+
+def _as_now(op: TargetOp, now: dict[Key, dict[str, Any] | None], trole: LinkTableRole
+            ) -> TargetOp:
+    """A change from an API as the API's current record of its key (first-side names, which
+    are the target's here): an upsert of it, or a delete when the API has none."""
+    if not isinstance(op, (Upsert, Delete)):
+        return op
+    row = now.get(tuple(op.key))
+    if row is None:
+        return Delete(op.table, op.key, op.position)
+    return Upsert(op.table, op.key, dict(row), False, op.position)

@@ -284,6 +284,10 @@ def expand(links: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 "policy": link.policy, "initial_backfill": False,
                 "link": {"name": name, "source_side": src, "target_side": dst,
                          "first_side": a, "api_side": api.name if api else None,
+                         "api_connection": None if api is None else {
+                             "base_url_env": api.base_url_env, "auth": api.auth,
+                             "timeout_seconds": api.timeout_seconds,
+                             "concurrency": api.concurrency},
                          "tables": {t: r.model_dump() for t, r in roles.items()},
                          "conflict_warn": link.conflict_warn,
                          "conflict_error": link.conflict_error,
@@ -347,6 +351,15 @@ class ApiTableRole(_Model):
     """First-side names of the fields the API sets itself: not compared, not in echoes."""
 
 
+class ApiConnection(_Model):
+    """How the link reaches its API side (both directions read records through it)."""
+
+    base_url_env: str
+    auth: dict[str, Any] | None = None
+    timeout_seconds: float = 10.0
+    concurrency: int = 16
+
+
 class LinkTableRole(_Model):
     other: str
     """The table's name on the second side."""
@@ -365,7 +378,8 @@ class LinkRole(_Model):
     first_side: str
     api_side: str | None = None
     """The second side, when it is an HTTP API (its changes come through a webhook or poll
-    source, its writes go through requests; see :mod:`...links.echo`)."""
+    source, its writes go through requests; see :mod:`...links.resolver`)."""
+    api_connection: ApiConnection | None = None
     tables: dict[str, LinkTableRole]
     """By first-side table name."""
     conflict_warn: int = 1

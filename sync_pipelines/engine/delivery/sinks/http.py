@@ -21,11 +21,10 @@ A partial upsert (an UPDATE that left large values out as unchanged) is never se
 would replace its record with the partial body. It is reported for a re-read of the row
 instead (``Outcome.refetch``), and the change counts as delivered.
 
-A two-way link's direction into an API (``resolve``): before anything is sent, the API's
-current record of every key in the call is read with the table's ``get`` request (bounded
-concurrency; 404 is "no record"), the link decides what each change becomes (see
-:mod:`....links.resolver`), and only that is sent. A read that fails (5xx, timeout, anything
-but 2xx and 404) fails the call as transient: nothing sent, nothing recorded, retried later.
+A two-way link's direction into an API (``resolve``): before anything is sent, the link reads
+the API's current record of every key in the call (:mod:`....links.api_reader`) and decides
+what each change becomes (see :mod:`....links.resolver`); only that is sent. A read that fails
+fails the call: nothing sent, nothing recorded, delivered again later.
 
 Idempotency: every request carries ``<pipeline>:<target>:<lsn>:<seq>[.sub]`` in the configured
 header, so a replay after a crash is recognised by the API; requests listed in
@@ -37,13 +36,9 @@ with the same keys.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Iterable, Iterator
 
-import httpx
-
-from ...errors import SpecError, TerminalDeliveryError, TransientDeliveryError
+from ...errors import SpecError, TerminalDeliveryError
 from ...mapping.mapper import Delete, TableMapper, Truncate, Upsert
 from ...spec import HttpTargetSpec, PipelineSpec
 from ...spec.links import LinkRole
@@ -79,11 +74,9 @@ class HttpSink:
 
     def __init__(self, client: HttpClient, *, pipeline: str, target: str,
                  spec: HttpTargetSpec, window_changes: int = WINDOW_CHANGES,
-                 link: LinkRole | None = None, reader: httpx.Client | None = None) -> None:
+                 link: LinkRole | None = None) -> None:
         self.client = client
         self.link = link
-        self.reader = reader
-        self.concurrency = spec.concurrency
         auth = [v for v in (spec.auth.bearer_token_env, spec.auth.basic_user_env,
                             spec.auth.basic_password_env) if v] if spec.auth else []
         self.credentials = (f"${' and $'.join(auth)}" if auth
@@ -98,8 +91,6 @@ class HttpSink:
 
     def close(self) -> None:
         self.client.close()
-        if self.reader is not None:
-            self.reader.close()
 
     def checkpoint(self) -> Position | None:
         return None  # an API keeps no position of ours: the state's delivered position counts
@@ -110,10 +101,10 @@ class HttpSink:
     def apply(self, items: Iterable[Item], *, checkpoint: Checkpoint | None,
               record: Record, resolve: Resolve | None = None) -> ApplyResult:
         if resolve is not None:
-            if self.reader is None or self.link is None:
+            if self.link is None or self.link.api_side != self.link.target_side:
                 raise TerminalDeliveryError(f"pipeline {self.pipeline!r}, target "
                                             f"{self.target!r}: not a link's API side")
-            items = resolve(list(items), self.read_rows)
+            items = resolve(list(items), None)  # the link reads the API's records itself
         changes: list[_Change] = []
         sent: list[tuple[_Change, int]] = []
 
@@ -141,48 +132,6 @@ class HttpSink:
             deletes=sum(1 for o in delivered if o.item.op == "D"),
             refetch=sum(len(o.refetch) for o in delivered))
         return ApplyResult(outcomes, stats)
-
-    def read_rows(self, table: str, columns: Sequence[str], key_columns: Sequence[str],
-                  keys: Sequence[tuple[Any, ...]]) -> tuple[dict[tuple[Any, ...], dict[str, Any]],
-                                                          int]:
-        """The API's current records of ``keys`` (``table`` as the link names it): the JSON
-        values of ``columns`` (the API's field names; the link puts them in one form with the
-        other side's); the position is 0 (an API has no WAL)."""
-        assert self.link is not None and self.reader is not None
-        first, role = self.link.table_of_target(table)
-        assert role.api is not None
-        # Only the path template is used: Endpoint models the write requests (GET is not one).
-        get = Endpoint("PUT", role.api.get.split()[1])
-
-        def one(key: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str, Any] | None]:
-            try:
-                path = get.path(dict(zip(key_columns, key, strict=True)))
-            except ValueError as err:
-                raise TerminalDeliveryError(f"pipeline {self.pipeline!r}, target "
-                                            f"{self.target!r}: get request: {err}") from None
-            what = f"pipeline {self.pipeline!r}, target {self.target!r}: GET {path}"
-            try:
-                answer = self.reader.get(path)  # type: ignore[union-attr]
-            except httpx.HTTPError as err:
-                raise TransientDeliveryError(f"{what}: {type(err).__name__}") from None
-            if answer.status_code == 404:
-                return key, None
-            if answer.status_code == 401:
-                raise TerminalDeliveryError(f"{what}: the API refused the credentials; "
-                                            f"check {self.credentials}")
-            if not answer.is_success:
-                raise TransientDeliveryError(f"{what} answered {answer.status_code}")
-            try:
-                record = answer.json()
-            except ValueError:
-                record = None
-            if not isinstance(record, dict):
-                raise TransientDeliveryError(f"{what}: the answer is not a JSON object")
-            return key, {c: record.get(c) for c in columns}
-
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(keys)))) as pool:
-            found = dict(pool.map(one, keys))
-        return {k: r for k, r in found.items() if r is not None}, 0
 
     def _requests(self, item: Item) -> _Change:
         ch = _Change(item)
@@ -240,10 +189,5 @@ def open_http_sink(pipeline: PipelineSpec, target: str) -> HttpSink:
                             concurrency=tspec.concurrency, timeout_s=tspec.timeout_seconds)
     except ValueError as err:  # the message never carries the URL's credentials or headers' values
         raise SpecError(f"{what} (base URL from ${tspec.base_url_env}): {err}") from None
-    reader = None
-    if pipeline.link is not None:  # a link's API side: records are read before they are written
-        reader = httpx.Client(base_url=base_url, headers=headers, auth=auth,
-                              timeout=tspec.timeout_seconds,
-                              limits=httpx.Limits(max_connections=tspec.concurrency))
     return HttpSink(client, pipeline=pipeline.name, target=target, spec=tspec,
-                    link=pipeline.link, reader=reader)
+                    link=pipeline.link)
