@@ -272,7 +272,8 @@ def test_a_draining_delivery_is_bounded_in_time(monkeypatch, source_dsn, target_
         i = 0
         while not stop.is_set():
             i += 1
-            execute(source_dsn, f"INSERT INTO items VALUES ({i}, 0, 's')")
+            with psycopg.connect(source_dsn, autocommit=True) as conn:
+                conn.execute("INSERT INTO items VALUES (%s, 0, 's')", (i,))
             pull_pipeline(spec, "crm")
             time.sleep(0.2)
 

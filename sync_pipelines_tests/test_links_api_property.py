@@ -16,6 +16,7 @@ keys both sides changed differently.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from decimal import Decimal
 from typing import Any
@@ -28,10 +29,13 @@ from sync_pipelines.engine.faults import Faults, InjectedCrash
 
 from .support.crm_api import delete, put
 from .support.links import drop_origins
-from .support.pipelines import execute, rows
+from .support.pipelines import execute
 from .support.receiver import SECRET, ReceiverServer
 from .test_links_api import POLL, SIDE_DDL, WEBHOOK, api_link, api_rows, db_rows, step
+from .test_links_property import drop_slots, expected
 
+EXAMPLES = int(os.environ.get("LINK_EXAMPLES", "20"))
+"""Examples per run: 20 in CI; ``LINK_EXAMPLES=200`` for a longer hunt."""
 KEYS = st.integers(min_value=1, max_value=5)
 DB_OP = st.one_of(
     st.tuples(st.just("insert"), KEYS, st.integers(0, 3)),
@@ -81,35 +85,10 @@ def api_op(crm: Any, op: tuple[str, int, int]) -> None:
         delete(crm, k)
 
 
-def expected(agreed: dict[int, Any], a: dict[int, Any], b: dict[int, Any]
-             ) -> tuple[dict[int, Any], set[int]]:
-    out, conflicts = {}, set()
-    for k in set(agreed) | set(a) | set(b):
-        base, va, vb = agreed.get(k), a.get(k), b.get(k)
-        changed_a, changed_b = va != base, vb != base
-        if changed_a and changed_b and va != vb:
-            conflicts.add(k)
-            win = va if (va is not None and vb is not None) else (va if vb is None else vb)
-        elif changed_b:
-            win = vb
-        else:
-            win = va
-        if win is not None:
-            out[k] = win
-    return out, conflicts
-
-
 def settle_webhooks(crm: Any) -> None:
     deadline = time.monotonic() + 30
     while crm.webhooks()["pending"] and time.monotonic() < deadline:
         time.sleep(0.02)
-
-
-def drop_slots(dsn: str, name: str) -> None:
-    for (slot,) in rows(dsn, "SELECT slot_name FROM pg_replication_slots"):
-        if slot.startswith(f"sync_{name}_"):
-            with contextlib.suppress(Exception):
-                execute(dsn, f"SELECT pg_drop_replication_slot('{slot}')")
 
 
 def normalise(r: dict[int, Any]) -> dict[int, Any]:
@@ -117,7 +96,7 @@ def normalise(r: dict[int, Any]) -> dict[int, Any]:
             for k, v in r.items()}
 
 
-@settings(max_examples=int(__import__("os").environ.get("LINK_EXAMPLES", "20")), deadline=None, suppress_health_check=[
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[
     HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(rounds=st.lists(ROUND, min_size=1, max_size=4), webhooks=st.booleans())
 def test_random_interleavings_with_an_api_converge_to_what_the_policy_dictates(

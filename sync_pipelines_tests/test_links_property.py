@@ -13,6 +13,7 @@ exactly the keys both sides changed differently.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +25,8 @@ from sync_pipelines.engine.faults import Faults, InjectedCrash
 from .support.links import create_sides, directions, drop_origins, link_spec, start, sync
 from .support.pipelines import execute, rows
 
+EXAMPLES = int(os.environ.get("LINK_EXAMPLES", "20"))
+"""Examples per run: 20 in CI; ``LINK_EXAMPLES=200`` for a longer hunt."""
 KEYS = st.integers(min_value=1, max_value=5)
 OP = st.one_of(
     st.tuples(st.just("insert"), KEYS, st.integers(0, 3)),
@@ -87,7 +90,7 @@ def drop_slots(dsn: str, name: str) -> None:
                 execute(dsn, f"SELECT pg_drop_replication_slot('{slot}')")
 
 
-@settings(max_examples=int(__import__("os").environ.get("LINK_EXAMPLES", "20")), deadline=None, suppress_health_check=[
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[
     HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(rounds=st.lists(ROUND, min_size=1, max_size=4))
 def test_random_interleavings_converge_to_what_the_policy_dictates(
