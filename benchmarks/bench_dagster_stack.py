@@ -177,6 +177,9 @@ def write_spec(path: Path, policy: dict[str, Any]) -> None:
         "source": {"dsn_env": "SYNC_SOURCE_DSN"},
         "tables": {TABLE: {}},
         "targets": {"target": {"kind": "postgres", "dsn_env": "SYNC_TARGET_DSN"}},
+        # Every row is written after the slot exists: an initial backfill would copy the
+        # table again (a third more work in backlog mode than the engine path does).
+        "initial_backfill": False,
     }
     if policy:
         pipeline["policy"] = policy

@@ -211,6 +211,23 @@ def test_a_steady_stream_gets_one_draining_run_not_one_run_per_batch(
         assert_tables_equal(source_dsn, target_dsn, "accounts", columns="id, tier")
 
 
+def test_a_backlog_beyond_the_demand_budget_gets_a_draining_run(
+        tmp_path, monkeypatch, source_dsn, target_dsn, state_dsn):
+    execute(source_dsn, "CREATE TABLE accounts (id int PRIMARY KEY, name text, tier int)")
+    spec = write_spec(tmp_path, monkeypatch, source_dsn, target_dsn, state_dsn,
+                      demand_budget=20)
+    defs = build_definitions(str(spec))
+    with dg.instance_for_test() as instance:
+        tick(defs, instance, spec)
+        execute(source_dsn, *(f"INSERT INTO accounts VALUES ({i}, 'a', 1)"  # noqa: S608
+                              for i in range(1, 51)))  # 50 transactions
+        # One tick stages what the budget allows; more is waiting in the slot, so the run
+        # keeps taking what the next ticks stage instead of ending after 20 changes.
+        [request] = tick(defs, instance, spec).run_requests
+        assert request.run_config["ops"]["sync__crm__delivered__reporting"]["config"][
+            "keep_draining"]
+
+
 def test_failed_delivery_run_is_visible_and_redelivered(tmp_path, monkeypatch, source_dsn,
                                                         target_dsn, state_dsn):
     execute(source_dsn, "CREATE TABLE accounts (id int PRIMARY KEY, name text, tier int)")

@@ -12,7 +12,8 @@ For a pipeline ``p`` with targets ``t1..tn``:
   asking for a delivery of every target that has staged work it has not delivered — when new
   batches were staged and no run of that target is queued or running, and again after
   ``redeliver_after_seconds`` when a failed run left work behind. While changes keep coming
-  (this tick and the one before staged some) the run it asks for keeps draining: it delivers
+  (this tick and the one before staged some) or a backlog waits (the demand budget stopped
+  this tick's pull) the run it asks for keeps draining: it delivers
   what the sensor stages while it runs, up to the policy's ``run_drain_seconds``, and ends
   after ``run_idle_seconds`` without new work — one run keeps up with a steady stream instead
   of one run (and one process start-up) per batch. The sensor's cursor remembers whether the
@@ -170,7 +171,11 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
             received = engine.webhooks_received(spec, p, last_tick.get("after") or 0)
         staged_now = bool(report.batches) or (received is not None
                                               and received.last_batch is not None)
-        steady = staged_now and bool(last_tick.get("staged"))
+        # Changes keep coming (the last tick staged too), or more are waiting than the budget
+        # let this tick stage: the run asked for should keep taking what later ticks stage.
+        backlog_waits = report.stopped_by_demand or report.more or (
+            report.demand > 0 and report.changes >= report.demand)
+        steady = staged_now and (bool(last_tick.get("staged")) or backlog_waits)
         now = datetime.now(timezone.utc)
         requests = []
         for b in backlog:

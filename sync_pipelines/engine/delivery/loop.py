@@ -15,8 +15,10 @@
 5. with ``keep_draining_s`` (a Dagster delivery run): looks again for batches staged since it
    started and delivers them too, until nothing new has come for ``idle_s`` or it has run for
    ``keep_draining_s`` — so a run keeps up with a steady stream instead of ending after the
-   batches it was asked for while the next one waits behind a process start-up. A run is still
-   one bounded unit of work, and stops between windows (never inside one).
+   batches it was asked for while the next one waits behind a process start-up. After each
+   pass it drops the batches every target has delivered, so the demand budget they held is
+   free for the sensor's next pull. A run is still one bounded unit of work, and stops
+   between windows (never inside one).
 
 Per-key order holds because one delivery (or sweep) at a time works on a target, windows go
 in position order, a sink keeps order within a window, and a key that failed stays blocked
@@ -235,6 +237,8 @@ def deliver(
         now = time.monotonic()
         if pending:
             last_work = now
+            if keep_draining_s:  # free the demand budget now, so the sensor stages the next
+                state.collect_garbage(pipeline.name, list(pipeline.targets))
         if (upto_batch is not None or now - started >= keep_draining_s
                 or now - last_work >= idle_s):
             break
