@@ -109,7 +109,8 @@ def _write_api(p: PipelineSpec, first_table: str, key: dict[str, Any],
         fields = {names.get(c, c): v for c, v in key.items()}
     else:
         endpoint = Endpoint.parse(requests.upsert)
-        body = {names.get(c, c): v for c, v in api_row(row, role.api.types).items()}
+        sent = {c: v for c, v in row.items() if c not in role.api.managed}  # the API's own
+        body = {names.get(c, c): v for c, v in api_row(sent, role.api.types).items()}
         fields = {**{names.get(c, c): v for c, v in key.items()}, **body}
     path = endpoint.path(fields)
     try:
