@@ -176,6 +176,8 @@ def smoke(spec_path: Path, crm: CrmServer) -> int:
                 print(f"{name}: the CRM API's webhooks were not all accepted: {stats}")
                 return 1
             print(f"{name}: the CRM API sent {sent} signed webhooks to the receiver")
+        if kind == "http_poll":  # the set-up polled moments ago: poll now, not in 10 s
+            engine.pull_pipeline(spec, name, force=True)
         runs = _tick(sensor, instance, resources, defs)
         if not runs:
             print(f"{name}: the sensor requested no delivery run")
