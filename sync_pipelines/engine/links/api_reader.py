@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 
+from ..delivery.sinks.http_client import ReadEndpoint
 from ..errors import SpecError, TerminalDeliveryError, TransientDeliveryError
 from ..spec import DsnRef, HttpAuthSpec
 from ..spec.links import LinkRole
@@ -34,17 +34,9 @@ class ApiReader:
         assert api is not None
         self.what = f"link {role.name!r}, side {role.api_side!r}"
         auth = HttpAuthSpec.model_validate(api.auth or {})
-        names = [v for v in (auth.bearer_token_env, auth.basic_user_env,
-                             auth.basic_password_env) if v]
+        names = auth.variables
         self.credentials = f"${' and $'.join(names)}" if names else "the side's `auth:`"
-        headers: dict[str, str] = {}
-        basic = None
-        if auth.bearer_token_env:
-            token = DsnRef(dsn_env=auth.bearer_token_env).resolve(f"{self.what} bearer token")
-            headers["Authorization"] = f"Bearer {token}"
-        elif auth.basic_user_env and auth.basic_password_env:
-            basic = (DsnRef(dsn_env=auth.basic_user_env).resolve(f"{self.what} user"),
-                     DsnRef(dsn_env=auth.basic_password_env).resolve(f"{self.what} password"))
+        headers, basic = auth.credentials(self.what)
         base_url = DsnRef(dsn_env=api.base_url_env).resolve(f"{self.what} base URL")
         try:
             self.client = httpx.Client(base_url=base_url, headers=headers, auth=basic,
@@ -62,20 +54,19 @@ class ApiReader:
                 ) -> dict[Key, dict[str, Any] | None]:
         """The API's record of each key now (``get``: ``GET /contacts/{id}``; ``key_fields``:
         the record's key fields, in the order of each key's values)."""
-        template = get.split(None, 1)[1]
-
-        def path(key: Key) -> str:
-            fields = {f: quote(str(v), safe="") for f, v in zip(key_fields, key, strict=True)}
-            try:
-                return template.format(**fields)
-            except (KeyError, IndexError, ValueError) as err:
-                raise TerminalDeliveryError(f"{self.what}: get request {get!r} cannot be "
-                                            f"filled from the key ({err})") from None
+        try:
+            endpoint = ReadEndpoint.parse(get)
+        except ValueError as err:
+            raise TerminalDeliveryError(f"{self.what}: get request: {err}") from None
 
         def one(key: Key) -> tuple[Key, dict[str, Any] | None]:
-            where = f"{self.what}: GET {path(key)}"
             try:
-                answer = self.client.get(path(key))
+                path = endpoint.path(dict(zip(key_fields, key, strict=True)))
+            except ValueError as err:
+                raise TerminalDeliveryError(f"{self.what}: get request: {err}") from None
+            where = f"{self.what}: GET {path}"
+            try:
+                answer = self.client.get(path)
             except httpx.HTTPError as err:
                 raise TransientDeliveryError(f"{where}: {type(err).__name__}") from None
             if answer.status_code == 404:

@@ -228,6 +228,23 @@ class HttpAuthSpec(_Model):
     basic_password_env: str | None = None
     """Environment variable holding the basic-auth password."""
 
+    @property
+    def variables(self) -> list[str]:
+        """The environment variables the credentials come from (named in errors, never their
+        values)."""
+        return [v for v in (self.bearer_token_env, self.basic_user_env, self.basic_password_env)
+                if v]
+
+    def credentials(self, what: str) -> tuple[dict[str, str], tuple[str, str] | None]:
+        """Headers (a bearer token) and basic-auth pair, read from the environment now."""
+        if self.bearer_token_env:
+            token = DsnRef(dsn_env=self.bearer_token_env).resolve(f"{what} bearer token")
+            return {"Authorization": f"Bearer {token}"}, None
+        if self.basic_user_env and self.basic_password_env:
+            return {}, (DsnRef(dsn_env=self.basic_user_env).resolve(f"{what} user"),
+                        DsnRef(dsn_env=self.basic_password_env).resolve(f"{what} password"))
+        return {}, None
+
     @model_validator(mode="after")
     def _one_kind(self) -> HttpAuthSpec:
         basic = (self.basic_user_env, self.basic_password_env)
@@ -271,14 +288,7 @@ class HttpTargetSpec(_Model):
 
     def credentials(self, what: str) -> tuple[dict[str, str], tuple[str, str] | None]:
         """Headers (a bearer token) and basic-auth pair, read from the environment now."""
-        a = self.auth
-        if a.bearer_token_env:
-            token = DsnRef(dsn_env=a.bearer_token_env).resolve(f"{what} bearer token")
-            return {"Authorization": f"Bearer {token}"}, None
-        if a.basic_user_env and a.basic_password_env:
-            return {}, (DsnRef(dsn_env=a.basic_user_env).resolve(f"{what} user"),
-                        DsnRef(dsn_env=a.basic_password_env).resolve(f"{what} password"))
-        return {}, None
+        return self.auth.credentials(what)
 
 
 SOURCE_KINDS = ("postgres", "webhook", "http_poll")

@@ -77,8 +77,7 @@ class HttpSink:
                  link: LinkRole | None = None) -> None:
         self.client = client
         self.link = link
-        auth = [v for v in (spec.auth.bearer_token_env, spec.auth.basic_user_env,
-                            spec.auth.basic_password_env) if v] if spec.auth else []
+        auth = spec.auth.variables if spec.auth else []
         self.credentials = (f"${' and $'.join(auth)}" if auth
                             else "the spec: the target has no `auth:`")
         self.pipeline = pipeline

@@ -66,7 +66,7 @@ from collections import deque
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 from urllib.parse import quote
 
 from ...mapping.mapper import Delete, TargetOp, Upsert
@@ -108,6 +108,9 @@ class Endpoint:
     """An API endpoint from the spec, e.g. ``PUT /contacts/{id}``: a method and a path template
     whose ``{name}`` placeholders are filled from the change's fields."""
 
+    ALLOWED: ClassVar[tuple[str, ...]] = METHODS
+    """Methods this kind of endpoint may use (the sink's are writes)."""
+
     method: str
     path_template: str
     _parts: tuple[tuple[str, str | None], ...] = field(
@@ -116,8 +119,8 @@ class Endpoint:
 
     def __post_init__(self) -> None:
         where = f"endpoint {self.method} {self.path_template!r}"
-        if self.method not in METHODS:
-            raise ValueError(f"{where}: method must be one of {', '.join(METHODS)}")
+        if self.method not in self.ALLOWED:
+            raise ValueError(f"{where}: method must be one of {', '.join(self.ALLOWED)}")
         if not self.path_template.startswith("/") or any(c.isspace() for c in self.path_template):
             raise ValueError(f"{where}: the path must start with '/' and contain no spaces")
         try:
@@ -144,7 +147,8 @@ class Endpoint:
         if m is None:
             raise ValueError(
                 f"endpoint {text!r}: expected '<METHOD> /path/{{field}}', "
-                f"e.g. 'PUT /contacts/{{id}}' (method one of {', '.join(METHODS)})"
+                f"e.g. '{cls.ALLOWED[0]} /contacts/{{id}}' (method one of "
+                f"{', '.join(cls.ALLOWED)})"
             )
         return cls(m.group(1).upper(), m.group(2))
 
@@ -174,6 +178,14 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"{self.method} {self.path_template}"
+
+
+@dataclass(frozen=True)
+class ReadEndpoint(Endpoint):
+    """An endpoint that reads one record, e.g. ``GET /contacts/{id}`` (a two-way link's
+    ``get``): the same path template and filling as :class:`Endpoint`."""
+
+    ALLOWED: ClassVar[tuple[str, ...]] = ("GET",)
 
 
 # -- changes and outcomes --------------------------------------------------------------------
