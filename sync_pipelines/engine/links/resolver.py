@@ -200,10 +200,12 @@ class LinkResolver:
             return x == z if api is None else view(x, api) == view(z, api)
 
         def agreed(row: dict[str, Any] | None, superseded: dict[str, Any] | None = None,
-                   held: int | None = None) -> None:
+                   held: int | None = None, target_at: int | None = None) -> None:
             marks = dict(superseded if superseded is not None else (b.superseded if b else {}))
             if self.from_api and superseded is None:
                 marks.pop(src, None)  # an API change accepted: the API has moved on
+            if target_at is not None:  # the target weighed up to this WAL position
+                marks[dst] = target_at
             # This change of the source is accounted for: delivered again (a crash before the
             # window was recorded, the base moved on meanwhile), it meets rule 3.
             seen = marks.get(f"seen:{src}")
@@ -268,13 +270,7 @@ class LinkResolver:
             # Rule 5. Into PostgreSQL, the target's own changes of the key up to now are in
             # ``y`` (equal to the base): any still on their way through the other direction
             # are weighed, and must not undo this write when they arrive (rule 3 there).
-            if not self.into_api:
-                agreed(v, {**(b.superseded if b else {}), dst: wal[op.table]}
-                       if not self.from_api else {
-                           **{s_: m for s_, m in (b.superseded if b else {}).items()
-                              if s_ != src}, dst: wal[op.table]})
-            else:
-                agreed(v)
+            agreed(v, target_at=None if self.into_api else wal[op.table])
             if api is not None or (isinstance(op, Upsert) and op.partial):
                 return write(v)
             current[op.table][key] = v
