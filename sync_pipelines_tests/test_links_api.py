@@ -29,7 +29,7 @@ from sync_pipelines.engine import (
 )
 
 from .support.crm_api import batch_put, delete, put
-from .support.links import drop_origins
+from .support.links import APPLY_LOG_DDL, drop_origins, logged
 from .support.pipelines import execute, rows
 from .support.receiver import SECRET, ReceiverServer
 
@@ -38,18 +38,8 @@ N = 10_000
 SIDE_DDL = (
     "CREATE TABLE people (id int PRIMARY KEY, name text, mail text, score numeric(10,2), "
     "updated_at timestamptz NOT NULL DEFAULT now())",
-    "CREATE TABLE apply_log (n bigserial PRIMARY KEY, id int, op text, origin text)",
-    """
-    CREATE FUNCTION log_apply() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        INSERT INTO apply_log (id, op, origin) VALUES (
-            CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END, TG_OP,
-            pg_replication_origin_session_is_setup()::text);
-        RETURN NULL;
-    END $$
-    """,
-    "CREATE TRIGGER people_log AFTER INSERT OR UPDATE OR DELETE ON people "
-    "FOR EACH ROW EXECUTE FUNCTION log_apply()",
+    *APPLY_LOG_DDL,
+    logged("people"),
 )
 
 RECORD = {

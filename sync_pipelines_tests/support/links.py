@@ -16,9 +16,7 @@ from sync_pipelines.engine import SyncSpec, deliver_pipeline, parse_spec, pull_p
 
 from .pipelines import execute, rows
 
-SIDE_DDL = (
-    "CREATE TABLE accounts (id int PRIMARY KEY, {name} text, balance int, "
-    "updated_at timestamptz NOT NULL DEFAULT now())",
+APPLY_LOG_DDL = (
     "CREATE TABLE apply_log (n bigserial PRIMARY KEY, id int, op text, origin text)",
     """
     CREATE FUNCTION log_apply() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -29,8 +27,21 @@ SIDE_DDL = (
         RETURN NULL;
     END $$
     """,
-    "CREATE TRIGGER accounts_log AFTER INSERT OR UPDATE OR DELETE ON accounts "
-    "FOR EACH ROW EXECUTE FUNCTION log_apply()",
+)
+"""An ``apply_log`` of every row write, with whether it came under a replication origin."""
+
+
+def logged(table: str) -> str:
+    """The trigger that logs ``table``'s row writes into ``apply_log``."""
+    return (f"CREATE TRIGGER {table}_log AFTER INSERT OR UPDATE OR DELETE ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION log_apply()")
+
+
+SIDE_DDL = (
+    "CREATE TABLE accounts (id int PRIMARY KEY, {name} text, balance int, "
+    "updated_at timestamptz NOT NULL DEFAULT now())",
+    *APPLY_LOG_DDL,
+    logged("accounts"),
 )
 
 
