@@ -41,8 +41,8 @@ from ..links.resolver import LinkResolver
 from ..mapping.mapper import Mapper
 from ..spec import PipelineSpec
 from ..staging.held import HeldChange, HeldStore
-from ..staging.store import BatchInfo, StateStore
-from ..wire.change import Position, StoredChange
+from ..staging.store import BatchInfo, StagedRow, StateStore
+from ..wire.change import Position, decode_change
 from .outcomes import Tally, record_window
 from .report import DeliveryReport
 from .sinks.base import ApplyStats, Checkpoint, Item, Outcome, Sink
@@ -78,38 +78,48 @@ def link_window(state: StateStore, pipeline: PipelineSpec, lock_timeout_s: float
 
 
 class Items:
-    """Staged changes → :class:`Item` for one target: mapped, the target's tables only."""
+    """Staged changes → :class:`Item` for one target: mapped, the target's tables only.
+
+    For a sink that takes raw rows (``sink.raw_rows``) outside a two-way link (whose check
+    compares values), a change of a table mapped by renames and column selection keeps its
+    row as the source sent it (:meth:`..mapping.mapper.Mapper.map_raw`); every other change is
+    decoded and mapped value by value."""
 
     def __init__(self, state: StateStore, pipeline: PipelineSpec, sink: Sink) -> None:
         self.mapper = Mapper(pipeline, state.relation)
         self.sink = sink
+        self.raw = getattr(sink, "raw_rows", False) and pipeline.link is None
         self._takes: dict[int, bool] = {}
 
-    def item(self, ch: StoredChange, message: bytes, attempts: int = 0) -> Item | None:
-        """The item of a staged change (``message``: its raw pgoutput message, kept for the
-        retry queue); None for a table this pipeline or this target does not take."""
-        tm = self.mapper.table_mapper(ch.relation_id)
+    def item(self, row: StagedRow, attempts: int = 0) -> Item | None:
+        """The item of a staged change (its raw message is kept for the retry queue); None
+        for a table this pipeline or this target does not take."""
+        commit_lsn, seq, _, relation_id, op, message = row
+        tm = self.mapper.table_mapper(relation_id)
         if tm is None:
             return None  # a published table this pipeline does not sync
-        takes = self._takes.get(ch.relation_id)
+        takes = self._takes.get(relation_id)
         if takes is None:
-            takes = self._takes[ch.relation_id] = self.sink.prepare(tm, ch.relation_id)
+            takes = self._takes[relation_id] = self.sink.prepare(tm, relation_id)
         if not takes:
             return None  # a table this target does not take
-        return Item(ch.position, ch.relation_id, ch.op, message, tm, self.mapper.map(ch),
-                    attempts)
+        position = Position(commit_lsn, seq)
+        ops = self.mapper.map_raw(tm, op, position, message) if self.raw else None
+        if ops is None:
+            ops = self.mapper.map(decode_change(*row))
+        return Item(position, relation_id, op, message, tm, ops, attempts)
 
-    def staged(self, rows: list[tuple[StoredChange, bytes]],
+    def staged(self, rows: list[StagedRow],
                accepted: set[tuple[int, int, int]]) -> Iterator[Item]:
         """Items of staged rows, lazily; ``accepted`` are ledger entries ``(commit_lsn, seq,
         sub)`` of requests already accepted."""
-        for ch, message in rows:
-            it = self.item(ch, message)
+        for row in rows:
+            it = self.item(row)
             if it is None:
                 continue
             if accepted:
                 it.done_subs = frozenset(sub for lsn, seq, sub in accepted
-                                         if (lsn, seq) == ch.position)
+                                         if (lsn, seq) == it.position)
             yield it
 
 
@@ -195,7 +205,7 @@ def deliver(
             for window in windows(pending, sink.window_changes):
                 first, last = window[0], window[-1]
                 with collector_paused():
-                    rows = state.read_changes_with_messages(
+                    rows = state.read_staged(
                         pipeline.name, max(position, before(first)), last.last)
                     accepted = held.delivered_subs(first.first, last.last)  # HTTP ledger
                     parked: list[HeldChange] = []

@@ -24,7 +24,6 @@ from ..links.resolver import LinkResolver
 from ..spec import PipelineSpec
 from ..staging.held import HeldChange, HeldStore
 from ..staging.store import StateStore
-from ..wire.change import decode_change
 from .loop import Items, collector_paused, link_window, target_lock, wait_for_lock
 from .outcomes import Tally, record_sweep, release
 from .report import SweepReport
@@ -51,9 +50,8 @@ def sweep(
         gone: list[HeldChange] = []  # changes whose table left the spec or the target
         for key in keys:
             for hc in held.chain(key):
-                ch = decode_change(hc.position.commit_lsn, hc.position.seq, 0, hc.relation_id,
-                                   hc.op, hc.message)
-                it = builder.item(ch, hc.message, hc.attempts)
+                it = builder.item((hc.position.commit_lsn, hc.position.seq, 0, hc.relation_id,
+                                   hc.op, hc.message), hc.attempts)
                 if it is None:
                     gone.append(hc)
                     continue

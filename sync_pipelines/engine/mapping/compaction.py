@@ -9,7 +9,8 @@ state per key is observable.
 
 * ``Upsert`` after ``Upsert``: the later row is merged over the earlier one (column by column,
   later wins), as a row may not carry every column: a partial row leaves out unchanged TOAST
-  columns, a row of a later relation version lacks dropped columns.
+  columns, a row of a later relation version lacks dropped columns. A whole row over a whole
+  row of the same columns simply replaces it (a raw row stays raw).
 * ``Delete`` after anything: delete.  ``Upsert`` after ``Delete``: the delete stays too (listed
   in ``deletes``), so the upsert inserts a new row rather than merging into the deleted one.
 * ``Truncate``: forget every earlier operation on the table; later ones still apply.
@@ -19,9 +20,11 @@ Pure and in memory: its size is bounded by the batch it is given.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from ..wire.copyrow import RawRow
 from .mapper import Delete, Key, TargetOp, Truncate, Upsert
 
 
@@ -45,6 +48,12 @@ class TableOps:
         return [op for op in self.final.values() if isinstance(op, Upsert)]
 
 
+def _same_columns(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    if isinstance(a, RawRow) and isinstance(b, RawRow):
+        return a.shape == b.shape
+    return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
+
+
 def compact(ops: Iterable[TargetOp]) -> dict[str, TableOps]:
     tables: dict[str, TableOps] = {}
     for op in ops:
@@ -60,8 +69,9 @@ def compact(ops: Iterable[TargetOp]) -> dict[str, TableOps]:
         if isinstance(op, Upsert) and isinstance(prev, Upsert):
             # Merge even full rows: a full row of a narrower relation version (after a DROP
             # COLUMN) does not carry every target column either.
-            op = Upsert(op.table, op.key, {**prev.row, **op.row}, prev.partial and op.partial,
-                        op.position)
+            if op.partial or prev.partial or not _same_columns(op.row, prev.row):
+                op = Upsert(op.table, op.key, {**prev.row, **op.row},
+                            prev.partial and op.partial, op.position)
         elif isinstance(op, Upsert) and isinstance(prev, Delete):
             t.deleted_first.add(op.key)
         t.final[op.key] = op

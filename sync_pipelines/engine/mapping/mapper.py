@@ -24,7 +24,7 @@ import datetime as dt
 import json
 import operator
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -33,6 +33,7 @@ from ..errors import SpecError
 from ..spec import CastType, FilterClause, PipelineSpec, TableMapping
 from ..wire import pgtypes
 from ..wire.change import Position, StoredChange
+from ..wire.copyrow import RawRow, copy_row
 from ..wire.pgoutput import Relation
 
 Key = tuple[Any, ...]
@@ -42,7 +43,9 @@ Key = tuple[Any, ...]
 class Upsert:
     table: str
     key: Key
-    row: dict[str, Any]
+    row: Mapping[str, Any]
+    """Column → value: a dict, or a :class:`~..wire.copyrow.RawRow` (values still as the
+    source sent them, see :meth:`Mapper.map_raw`)."""
     partial: bool
     position: Position
 
@@ -174,6 +177,10 @@ class TableMapper:
         self._plain = not self.casts and not spec.derived
         self._all_sent = self._sent_idx == list(range(len(rel.columns)))
         self.filters = [self._compile_filter(f, index) for f in spec.filter]
+        # Renames and column selection only: a row's values can pass through as sent.
+        self.raw = self._plain and not self.filters
+        self.shape = tuple(self._sent_names)
+        self._picks = None if self._all_sent else list(self._sent_idx)
         self.derived = list(spec.derived.items())
         self.index = index
         self.template_fields = {
@@ -293,6 +300,8 @@ class TableMapper:
 
 
 _NONE: frozenset[int] = frozenset()
+_RAW_OPS = ("I", "U")
+_NEW_TUPLE = 0x4E  # 'N': the new tuple follows at once (no old key or row before it)
 
 
 def _blank(v: Any) -> Any:
@@ -320,6 +329,19 @@ class Mapper:
                 TableMapper(self.pipeline.name, name, spec, rel) if spec is not None else None
             )
         return self._mappers[relation_id]
+
+    def map_raw(self, tm: TableMapper, op: str, pos: Position, message: bytes
+                ) -> list[TargetOp] | None:
+        """The ops of a staged INSERT or UPDATE (without an old tuple) of a table mapped by
+        renames and column selection only, its row a :class:`RawRow` of the values as sent;
+        None when the change needs decoding (a filter, casts or derived fields, an old key to
+        compare, unchanged TOAST values, anything malformed): then use :meth:`map`."""
+        if not tm.raw or op not in _RAW_OPS or len(message) < 6 or message[5] != _NEW_TUPLE:
+            return None
+        got = copy_row(message, 6, tm._picks, tm.key_idx)
+        if got is None:
+            return None
+        return [Upsert(tm.target_table, got[0], RawRow(tm.shape, got[1]), False, pos)]
 
     def map(self, ch: StoredChange) -> list[TargetOp]:
         tm = self.table_mapper(ch.relation_id)

@@ -39,7 +39,10 @@ from ..wire.pgoutput import Column, Relation
 from .migrations import MIGRATIONS
 
 __all__ = ["START", "Backlog", "BatchInfo", "PipelineState", "Position", "StagedChange",
-           "StateStore", "StoredChange", "decode_change"]
+           "StagedRow", "StateStore", "StoredChange", "decode_change"]
+
+StagedRow = tuple[int, int, int, int, str, bytes]
+"""A staged change as stored: ``(commit_lsn, seq, batch_id, relation_id, op, message)``."""
 
 # Column order of a staged change row as written by COPY (after pipeline and batch_id).
 CHANGE_COLUMNS = (
@@ -431,12 +434,13 @@ class StateStore:
             (pipeline, target, START.commit_lsn, START.seq, batch_id))
 
     def read_changes(self, pipeline: str, after: Position, through: Position) -> list[StoredChange]:
-        """Staged changes with ``after < position <= through``, in stream order."""
-        return [c for c, _ in self.read_changes_with_messages(pipeline, after, through)]
+        """Staged changes with ``after < position <= through``, in stream order, decoded."""
+        return [decode_change(*r) for r in self.read_staged(pipeline, after, through)]
 
-    def read_changes_with_messages(self, pipeline: str, after: Position, through: Position
-                                   ) -> list[tuple[StoredChange, bytes]]:
-        """Like :meth:`read_changes`, each with its raw message (to hold it for retries)."""
+    def read_staged(self, pipeline: str, after: Position, through: Position
+                    ) -> list[StagedRow]:
+        """Like :meth:`read_changes`, as stored: ``(commit_lsn, seq, batch_id, relation_id,
+        op, message)`` with the raw message (delivery decodes it, or passes it through)."""
         with self.conn.cursor(binary=True) as cur:
             cur.execute(
                 self._q("SELECT commit_lsn, seq, batch_id, relation_id, op, message "
@@ -445,7 +449,7 @@ class StateStore:
                         "ORDER BY commit_lsn, seq"),
                 (pipeline, after.commit_lsn, after.seq, through.commit_lsn, through.seq),
             )
-            return [(decode_change(*r), bytes(r[5])) for r in cur.fetchall()]
+            return cur.fetchall()
 
     # -- delivery ----------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from ...mapping.mapper import TableMapper, TargetOp, Upsert
 from ...spec import PipelineSpec, PostgresTargetSpec
 from ...staging.held import Failure
 from ...wire.change import START, Position
+from ...wire.copyrow import COPY_HEADER, COPY_TRAILER, RawRow
 from ...wire.pgtypes import TEXT_FORMAT_SETTINGS
 from .base import ApplyResult, ApplyStats, Checkpoint, Item, Outcome, Record, Resolve
 
@@ -75,6 +76,10 @@ def _adapt(v: Any) -> Any:
 class PostgresSink:
     """Applies one pipeline's changes to one PostgreSQL target."""
 
+    raw_rows = True
+    """Takes rows as the source sent them (:class:`~....wire.copyrow.RawRow`): binary COPY
+    into a temp table of text columns, each cast to its column's type by the upsert."""
+
     def __init__(self, dsn: str, *, pipeline: str, target: str, spec: PostgresTargetSpec,
                  window_changes: int = 10_000, origin: str | None = None):
         self.window_changes = window_changes  # one staged batch per target transaction
@@ -92,6 +97,9 @@ class PostgresSink:
             self.conn.execute(TEXT_FORMAT_SETTINGS)  # parse values as the source wrote them
         self._ckpt = sql.Identifier(spec.checkpoint_schema, "checkpoint")
         self._columns: dict[str, dict[str, str]] = {}  # table → column → type
+        # table → column → its type without modifier, the cast of a raw text value (None for
+        # a domain: a cast could differ from COPY's input there, so such rows go as text)
+        self._casts: dict[str, dict[str, str | None]] = {}
         self._keys: dict[str, list[str]] = {}
         self._prepared: set[tuple[str, int]] = set()
         self._temps: set[str] = set()
@@ -245,14 +253,25 @@ class PostgresSink:
         if table in self._columns:
             return self._columns[table]
         rows = self.conn.execute(
-            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), "
+            "CASE WHEN t.typtype <> 'd' THEN format_type(a.atttypid, NULL) END "
+            "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
             "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
             (sql.Identifier(*table.split(".")).as_string(self.conn),),
         ).fetchall()
         if not rows:
             return None
         self._columns[table] = {r[0]: r[1] for r in rows}
+        self._casts[table] = {r[0]: r[2] for r in rows}
         return self._columns[table]
+
+    def _raw_casts(self, table: str, cols: list[str]) -> list[str] | None:
+        """The cast of each column's raw text value, or None if one is a domain. The cast
+        has no type modifier: the INSERT applies it as an assignment, which refuses a value
+        too long for varchar(n) as COPY does (an explicit cast would cut it short)."""
+        self._load_columns(table)
+        casts = [self._casts.get(table, {}).get(c) for c in cols]
+        return None if None in casts else casts  # type: ignore[return-value]
 
     # -- apply -------------------------------------------------------------------------------
 
@@ -342,21 +361,36 @@ class PostgresSink:
         )
 
     def _temp_table(self, table: str, columns: list[str], purpose: str) -> sql.Identifier:
-        """A session temp table shaped like ``table``'s ``columns``, emptied at each commit.
+        """A session temp table shaped like ``table``'s ``columns`` (for ``raw`` rows: of
+        ``text`` columns of those names), emptied at each commit.
 
-        One per purpose (deletes, whole rows, partial rows) and shape, so two statements of one
-        transaction never read each other's rows (a table made only of key columns has deletes
-        and upserts of the same shape)."""
+        One per purpose (deletes, whole rows, partial rows, raw rows) and shape, so two
+        statements of one transaction never read each other's rows (a table made only of key
+        columns has deletes and upserts of the same shape)."""
         name = "_sync_" + hashlib.sha1(
             f"{purpose}|{table}|{'|'.join(columns)}".encode()).hexdigest()[:16]
         if name not in self._temps:
-            self.conn.execute(sql.SQL(
-                "CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS "
-                "SELECT {} FROM {} WITH NO DATA"
-            ).format(sql.Identifier(name), sql.SQL(", ").join(map(sql.Identifier, columns)),
-                     _ident(table)))
+            names = sql.SQL(", ").join(map(sql.Identifier, columns))
+            if purpose == "raw":
+                self.conn.execute(sql.SQL(
+                    "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
+                    sql.Identifier(name), sql.SQL(", ").join(
+                        sql.SQL("{} text").format(sql.Identifier(c)) for c in columns)))
+            else:
+                self.conn.execute(sql.SQL(
+                    "CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS "
+                    "SELECT {} FROM {} WITH NO DATA"
+                ).format(sql.Identifier(name), names, _ident(table)))
             self._temps.add(name)
         return sql.Identifier(name)
+
+    def _copy_raw(self, temp: sql.Identifier, columns: list[str], rows: list[RawRow]) -> None:
+        """Raw rows into a temp table of text columns: one binary COPY, the rows' bytes as
+        they are."""
+        with self.conn.cursor() as cur, cur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)"
+                                                     ).format(
+                temp, sql.SQL(", ").join(map(sql.Identifier, columns)))) as copy:
+            copy.write(COPY_HEADER + b"".join([r.data for r in rows]) + COPY_TRAILER)
 
     def _copy(self, temp: sql.Identifier, columns: list[str], rows: list[tuple[Any, ...]]) -> None:
         with self.conn.cursor() as cur, cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(
@@ -401,31 +435,46 @@ class PostgresSink:
         if not upserts:
             return ApplyStats(), []
         keys = self._keys[table]
-        # Rows missing unchanged-TOAST columns have a different shape: one statement per shape.
-        shapes: dict[tuple[tuple[str, ...], bool], list[Upsert]] = {}
+        # Rows missing unchanged-TOAST columns have a different shape: one statement per shape
+        # (and raw rows their own, see _copy_raw).
+        shapes: dict[tuple[tuple[str, ...], bool, bool], list[Upsert]] = {}
         for u in upserts:
-            shapes.setdefault((tuple(u.row), u.partial), []).append(u)
+            row = u.row
+            if type(row) is RawRow:
+                shapes.setdefault((row.shape, False, True), []).append(u)
+            else:
+                shapes.setdefault((tuple(row), u.partial, False), []).append(u)
         unchanged = 0
         missing: list[Missing] = []
-        for (columns, partial), group in shapes.items():
+        for (columns, partial, raw), group in shapes.items():
             cols = list(columns)
-            temp = self._temp_table(table, cols, "partial" if partial else "upsert")
-            self._copy(temp, cols, self._copy_rows(table, cols, group))
-            if partial:
-                missing.extend(self._update_partial(table, temp, cols, keys))
-            else:
-                unchanged += len(group) - self._upsert_full(table, temp, cols, keys)
+            casts = self._raw_casts(table, cols) if raw else None
+            if casts is not None:
+                temp = self._temp_table(table, cols, "raw")
+                self._copy_raw(temp, cols, [u.row for u in group])  # type: ignore[misc]
+                unchanged += len(group) - self._upsert_full(table, temp, cols, keys, casts)
+            else:  # decoded rows (a raw row decodes itself here: a domain column)
+                temp = self._temp_table(table, cols, "partial" if partial else "upsert")
+                self._copy(temp, cols, self._copy_rows(table, cols, group))
+                if partial:
+                    missing.extend(self._update_partial(table, temp, cols, keys))
+                else:
+                    unchanged += len(group) - self._upsert_full(table, temp, cols, keys)
             if clear_temps:
                 self.conn.execute(sql.SQL("TRUNCATE {}").format(temp))
         return ApplyStats(upserts=len(upserts) - len(missing), unchanged=unchanged,
                           refetch=len(missing)), missing
 
     def _upsert_full(self, table: str, temp: sql.Identifier, cols: list[str],
-                     keys: list[str]) -> int:
-        """Insert or update whole rows; a row the target already has exactly is not rewritten
-        (no new row version, no WAL: a backfill under live writes re-sends many such rows).
-        Returns the rows written."""
+                     keys: list[str], casts: list[str] | None = None) -> int:
+        """Insert or update whole rows (from a temp table of text columns when ``casts`` are
+        given: each value cast to its type); a row the target already has exactly is not
+        rewritten (no new row version, no WAL: a backfill under live writes re-sends many such
+        rows). Returns the rows written."""
         col_list = sql.SQL(", ").join(map(sql.Identifier, cols))
+        select = col_list if casts is None else sql.SQL(", ").join(
+            sql.SQL("{}::" + cast).format(sql.Identifier(c)) for c, cast in zip(cols, casts,
+                                                                                strict=True))
         updates = [c for c in cols if c not in keys]
         action: sql.Composable
         if not updates:
@@ -442,8 +491,9 @@ class PostgresSink:
                 sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c))
                                    for c in updates), side("t"), side("excluded"))
         cur = self.conn.execute(sql.SQL(
-            "INSERT INTO {t} AS t ({cols}) SELECT {cols} FROM {tmp} ON CONFLICT ({keys}) {action}"
-        ).format(t=_ident(table), cols=col_list, tmp=temp,
+            "INSERT INTO {t} AS t ({cols}) SELECT {select} FROM {tmp} ON CONFLICT ({keys}) "
+            "{action}"
+        ).format(t=_ident(table), cols=col_list, select=select, tmp=temp,
                  keys=sql.SQL(", ").join(map(sql.Identifier, keys)), action=action))
         return max(cur.rowcount, 0)
 
