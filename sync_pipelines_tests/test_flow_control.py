@@ -291,3 +291,61 @@ def test_a_draining_delivery_is_bounded_in_time(monkeypatch, source_dsn, target_
     assert len(report.batches) >= 3  # it kept taking new batches while within the bound
     sync_until_idle(spec)
     assert_tables_equal(source_dsn, target_dsn, "items")
+
+
+def test_a_pull_waits_until_half_the_budget_is_free(monkeypatch, source_dsn, target_dsn,
+                                                    state_dsn):
+    """Each peek re-reads the slot's WAL from its restart point, so refills come in halves of
+    the budget, not in the slivers delivery frees batch by batch."""
+    budget = 100
+    spec = setup(monkeypatch, source_dsn, target_dsn, state_dsn, budget=budget, batch=20)
+    small_transactions(source_dsn, 300)
+    first = pull_pipeline(spec, "crm")
+    assert first.changes == budget and first.stopped_by_demand
+    deliver_pipeline(spec, "crm", upto_batch=first.batches[1].batch_id)  # frees about 40
+    assert 0 < budget - undelivered(state_dsn) < budget // 2
+    waiting = pull_pipeline(spec, "crm")
+    assert waiting.changes == 0 and "under half the budget" in (waiting.skipped or "")
+    deliver_pipeline(spec, "crm", upto_batch=first.batches[2].batch_id)  # about 60 in all
+    assert budget - undelivered(state_dsn) >= budget // 2
+    refill = pull_pipeline(spec, "crm")
+    assert 0 < refill.changes <= refill.demand and undelivered(state_dsn) <= budget
+    sync_until_idle(spec)
+    assert_tables_equal(source_dsn, target_dsn, "items")
+
+
+def test_a_tick_keeps_pulling_while_a_run_delivers(monkeypatch, source_dsn, target_dsn,
+                                                   state_dsn):
+    """With keep_pulling_s, one tick stages more than a budget while a draining delivery
+    frees room — never more than the budget at once; without a run under way, one pull."""
+    import threading
+
+    from sync_pipelines.engine.pipeline import deliver_target
+
+    budget = 100
+    execute(source_dsn, "CREATE TABLE items (id int PRIMARY KEY, v int, note text)")
+    spec = make_spec(monkeypatch, source_dsn=source_dsn, target_dsn=target_dsn,
+                     state_dsn=state_dsn, tables=["items"],
+                     policy={"demand_budget": budget, "batch_size": 20,
+                             "run_idle_seconds": 1.5})
+    assert pull_pipeline(spec, "crm").changes == 0
+    total = small_transactions(source_dsn, 400)
+    alone = pull_pipeline(spec, "crm", keep_pulling_s=10, keep_pulling=lambda: False)
+    assert alone.changes == budget  # nobody delivers: one pull, as before
+
+    peak = [0]
+    run = threading.Thread(target=deliver_target, args=(spec, "crm", "replica"),
+                           kwargs={"keep_draining": True})
+
+    def delivering() -> bool:
+        peak[0] = max(peak[0], undelivered(state_dsn))
+        return run.is_alive()
+
+    run.start()
+    tick = pull_pipeline(spec, "crm", keep_pulling_s=30, keep_pulling=delivering)
+    run.join(timeout=60)
+    assert tick.changes == total - budget, tick
+    assert len(tick.batches) >= (total - budget) // 20 and tick.skipped is None
+    assert peak[0] <= budget
+    deliver_pipeline(spec, "crm")
+    assert_tables_equal(source_dsn, target_dsn, "items")

@@ -231,3 +231,52 @@ def test_compact_examples():
     assert out["s.t1"].deletes == [Delete("s.t1", (2,), p), Delete("s.t1", (5,), p)]
     assert out["s.t2"].truncate and [u.key for u in out["s.t2"].upserts] == [(4,)]
     assert out["s.t2"].upserts[0].partial
+
+
+def test_windows_read_ahead_on_a_second_connection_keep_order_and_fail_cleanly(
+        monkeypatch, source_dsn, target_dsn, state_dsn):
+    """The next window is read and mapped on a second state connection while the sink applies
+    one: one such connection per delivery, every change once and in order; an error there
+    (here: the state database refuses the connection) fails the delivery after the windows
+    already applied, and the next delivery goes on from there."""
+    from contextlib import closing
+
+    from sync_pipelines.engine.delivery.loop import deliver
+    from sync_pipelines.engine.delivery.sinks.registry import open_sink
+    from sync_pipelines.engine.errors import StateError
+    from sync_pipelines.engine.pipeline import open_state
+
+    create_versioned_tables(source_dsn, target_dsn)
+    spec = make_spec(monkeypatch, source_dsn=source_dsn, target_dsn=target_dsn,
+                     state_dsn=state_dsn, tables=["items"],
+                     policy={"batch_size": 50, "demand_budget": 100_000})
+    pipeline = spec.pipelines["crm"]
+    pull_pipeline(spec, "crm")
+    hot_key_workload(source_dsn, seed=3)
+    pulled = pull_pipeline(spec, "crm")
+    assert len(pulled.batches) > 10
+
+    def refused() -> Any:
+        raise StateError("cannot connect to the state database: refused by the test")
+
+    with open_state(spec) as state, closing(open_sink(pipeline, "replica")) as sink:
+        try:
+            deliver(state, pipeline, "replica", sink, open_state=refused)
+        except StateError as err:
+            assert "refused by the test" in str(err)
+        else:
+            raise AssertionError("the read-ahead's error was lost")
+        first = pulled.batches[0]
+        assert state.delivered("crm", "replica") == first.last  # the window being applied
+    opened = []
+
+    def counted() -> Any:
+        opened.append(open_state(spec))
+        return opened[-1]
+
+    with open_state(spec) as state, closing(open_sink(pipeline, "replica")) as sink:
+        report = deliver(state, pipeline, "replica", sink, open_state=counted)
+    assert len(report.batches) == len(pulled.batches) - 1 and len(opened) == 1
+    assert opened[0].conn.closed
+    assert_tables_equal(source_dsn, target_dsn, "items")
+    assert_versions_increase(target_dsn)

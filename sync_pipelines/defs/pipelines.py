@@ -157,8 +157,17 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
     )
     def replication_sensor(context: dg.SensorEvaluationContext, sync: SyncEngine):
         spec = sync.spec()
+
+        def delivering() -> bool:
+            """Every target with work has its run queued or running: pulling on frees nobody
+            of a run request, and the runs free room in the budget as they deliver."""
+            return all(not b.batches or _runs(context, p, b.target, _ACTIVE)
+                       for b in engine.delivery_backlog(spec, p))
+
         try:
-            report = engine.pull_pipeline(spec, p)
+            report = engine.pull_pipeline(
+                spec, p, keep_pulling_s=pipeline.policy.tick_pull_seconds,
+                keep_pulling=delivering)
             backlog = engine.delivery_backlog(spec, p)
         except SyncError as err:
             raise SyncStepFailed(str(err)) from None

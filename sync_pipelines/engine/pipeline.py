@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
+from time import monotonic, sleep
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -66,13 +67,17 @@ def open_source(pipeline: PipelineSpec) -> Source:
 
 
 def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS,
-                  force: bool = False) -> PullReport:
+                  force: bool = False, keep_pulling_s: float = 0.0,
+                  keep_pulling: Callable[[], bool] | None = None) -> PullReport:
     """One sensor tick of the pipeline's source.
 
     PostgreSQL: re-read the rows delivery asked for (their watermarks go into the WAL first,
     so this very pull meets them; their few rows are not held to the demand budget), then
-    pull within the demand budget. Polling: one poll of each table whose interval has passed
-    (``force``: now). Webhooks: nothing to pull — the receiver stages as requests come."""
+    pull within the demand budget — and, with ``keep_pulling_s``, while the pull stopped at
+    the budget and ``keep_pulling()`` says delivery is under way, pull again as delivery frees
+    room, up to that long (one report for all of it). Polling: one poll of each table whose
+    interval has passed (``force``: now). Webhooks: nothing to pull — the receiver stages as
+    requests come."""
     pipeline = spec.pipelines[name]
     if isinstance(pipeline.source, WebhookSourceSpec):
         return PullReport(name, 0, 0, skipped="webhook source: the receiver stages changes "
@@ -92,8 +97,38 @@ def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS,
                 duration_s=polled.duration_s)
     with open_state(spec) as state, open_source(pipeline) as source:
         refetched = refetch_pending(state, pipeline, faults=faults)
-        return dataclasses.replace(pull(source, state, pipeline, faults=faults),
-                                   refetch=refetched)
+        started = monotonic()
+        report = last = pull(source, state, pipeline, faults=faults)
+        budget = pipeline.policy.demand_budget
+        while (keep_pulling_s and _at_budget(last, budget)
+               and monotonic() - started < keep_pulling_s
+               and (keep_pulling is None or keep_pulling())):
+            sleep(PULL_AGAIN_S)
+            last = pull(source, state, pipeline, faults=faults)
+            report = _merged(report, last, monotonic() - started)
+        return dataclasses.replace(report, refetch=refetched)
+
+
+PULL_AGAIN_S = 0.25
+"""How often a tick that keeps pulling looks for room in the budget."""
+
+
+def _at_budget(r: PullReport, budget: int) -> bool:
+    """The pull stopped (or did not start) because the demand budget was taken."""
+    return r.stopped_by_demand or (not r.changes and r.skipped is not None
+                                   and 2 * r.demand < budget)
+
+
+def _merged(a: PullReport, b: PullReport, duration_s: float) -> PullReport:
+    """Two pulls of one tick as one report: the first's demand, everything staged by both."""
+    changes = a.changes + b.changes
+    return dataclasses.replace(
+        b, demand=a.demand, undelivered_before=a.undelivered_before,
+        batches=a.batches + b.batches, changes=changes,
+        transactions=a.transactions + b.transactions,
+        advanced_to=b.advanced_to if b.advanced_to is not None else a.advanced_to,
+        skipped=None if changes else b.skipped, echoes=a.echoes + b.echoes,
+        duration_s=duration_s)
 
 
 def _target(pipeline: PipelineSpec, target: str) -> None:
@@ -120,7 +155,8 @@ def deliver_target(spec: SyncSpec, name: str, target: str, *, upto_batch: int | 
         with closing(open_sink(pipeline, target)) as sink:
             report = deliver(state, pipeline, target, sink, upto_batch=upto_batch,
                              lock_timeout_s=lock_timeout_s, faults=faults,
-                             keep_draining_s=drain[0], idle_s=drain[1], progress=progress)
+                             keep_draining_s=drain[0], idle_s=drain[1], progress=progress,
+                             open_state=lambda: open_state(spec))
         state.collect_garbage(name, list(pipeline.targets))
     return report
 

@@ -16,16 +16,22 @@
    started and delivers them too, until nothing new has come for ``idle_s`` or it has run for
    ``keep_draining_s`` — so a run keeps up with a steady stream instead of ending after the
    batches it was asked for while the next one waits behind a process start-up. After each
-   pass it drops the batches every target has delivered, so the demand budget they held is
-   free for the sensor's next pull. A run is still one bounded unit of work, and stops
-   between windows (never inside one).
+   window it drops the batches every target has delivered, so the demand budget they held
+   is free for the sensor's next pull while the run delivers the rest (dropping them at the
+   end of a pass made the two take turns: the pipelined benchmark's deliverer slept a third
+   of its time). A run is still one bounded unit of work, and stops between windows (never
+   inside one).
+
+The next window is read and mapped on a thread while the sink applies the current one
+(:class:`WindowReader`, given a second state connection): read-only, so it changes none of
+the above.
 
 Per-key order holds because one delivery (or sweep) at a time works on a target, windows go
 in position order, a sink keeps order within a window, and a key that failed stays blocked
 until its chain is delivered, dead-lettered and redriven, or discarded. A crash before step 4
 delivers the window again: the checkpoint (Postgres) or the idempotency keys and ledger (HTTP)
 make that a no-op for what was applied, and recorded positions are not recorded twice.
-Memory: one window of changes.
+Memory: two windows of changes (the one applied, the one read ahead).
 """
 
 from __future__ import annotations
@@ -33,12 +39,13 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
 from ..errors import TransientDeliveryError
 from ..faults import NO_FAULTS, Faults
 from ..links.resolver import LinkResolver
-from ..mapping.mapper import Mapper
+from ..mapping.mapper import Mapper, TableMapper, TargetOp
 from ..spec import PipelineSpec
 from ..staging.held import HeldChange, HeldStore
 from ..staging.store import BatchInfo, StagedRow, StateStore
@@ -77,13 +84,31 @@ def link_window(state: StateStore, pipeline: PipelineSpec, lock_timeout_s: float
         state.unlock(lock)
 
 
-class Items:
-    """Staged changes → :class:`Item` for one target: mapped, the target's tables only.
+Mapped = tuple[StagedRow, TableMapper, Position, list[TargetOp]]
+"""A staged change mapped for a pipeline: its row as stored, table mapping, position, ops."""
 
-    For a sink that takes raw rows (``sink.raw_rows``) outside a two-way link (whose check
-    compares values), a change of a table mapped by renames and column selection keeps its
-    row as the source sent it (:meth:`..mapping.mapper.Mapper.map_raw`); every other change is
-    decoded and mapped value by value."""
+
+def map_staged(mapper: Mapper, raw: bool, row: StagedRow) -> Mapped | None:
+    """A staged change mapped (None for a table the pipeline does not sync). With ``raw``, a
+    change of a table mapped by renames and column selection keeps its row as the source sent
+    it (:meth:`..mapping.mapper.Mapper.map_raw`); every other change is decoded and mapped
+    value by value."""
+    commit_lsn, seq, _, relation_id, op, message = row
+    tm = mapper.table_mapper(relation_id)
+    if tm is None:
+        return None  # a published table this pipeline does not sync
+    position = Position(commit_lsn, seq)
+    ops = mapper.map_raw(tm, op, position, message) if raw else None
+    if ops is None:
+        ops = mapper.map(decode_change(*row))
+    return row, tm, position, ops
+
+
+class Items:
+    """Mapped staged changes → :class:`Item` for one target: the target's tables only.
+
+    Rows pass through raw (see :func:`map_staged`) for a sink that takes them
+    (``sink.raw_rows``), outside a two-way link (whose check compares values)."""
 
     def __init__(self, state: StateStore, pipeline: PipelineSpec, sink: Sink) -> None:
         self.mapper = Mapper(pipeline, state.relation)
@@ -91,36 +116,96 @@ class Items:
         self.raw = getattr(sink, "raw_rows", False) and pipeline.link is None
         self._takes: dict[int, bool] = {}
 
-    def item(self, row: StagedRow, attempts: int = 0) -> Item | None:
-        """The item of a staged change (its raw message is kept for the retry queue); None
-        for a table this pipeline or this target does not take."""
-        commit_lsn, seq, _, relation_id, op, message = row
-        tm = self.mapper.table_mapper(relation_id)
-        if tm is None:
-            return None  # a published table this pipeline does not sync
+    def of(self, mapped: Mapped, attempts: int = 0) -> Item | None:
+        """The item of a mapped change; None for a table this target does not take."""
+        row, tm, position, ops = mapped
+        relation_id = row[3]
         takes = self._takes.get(relation_id)
         if takes is None:
             takes = self._takes[relation_id] = self.sink.prepare(tm, relation_id)
         if not takes:
             return None  # a table this target does not take
-        position = Position(commit_lsn, seq)
-        ops = self.mapper.map_raw(tm, op, position, message) if self.raw else None
-        if ops is None:
-            ops = self.mapper.map(decode_change(*row))
-        return Item(position, relation_id, op, message, tm, ops, attempts)
+        return Item(position, relation_id, row[4], row[5], tm, ops, attempts)
 
-    def staged(self, rows: list[StagedRow],
-               accepted: set[tuple[int, int, int]]) -> Iterator[Item]:
-        """Items of staged rows, lazily; ``accepted`` are ledger entries ``(commit_lsn, seq,
-        sub)`` of requests already accepted."""
-        for row in rows:
-            it = self.item(row)
+    def item(self, row: StagedRow, attempts: int = 0) -> Item | None:
+        """The item of a staged change (its raw message is kept for the retry queue); None
+        for a table this pipeline or this target does not take."""
+        mapped = map_staged(self.mapper, self.raw, row)
+        return None if mapped is None else self.of(mapped, attempts)
+
+    def window(self, mapped: list[Mapped], accepted: set[tuple[int, int, int]]) -> list[Item]:
+        """Items of a window's mapped changes; ``accepted`` are ledger entries ``(commit_lsn,
+        seq, sub)`` of requests already accepted."""
+        out = []
+        for m in mapped:
+            it = self.of(m)
             if it is None:
                 continue
             if accepted:
                 it.done_subs = frozenset(sub for lsn, seq, sub in accepted
                                          if (lsn, seq) == it.position)
-            yield it
+            out.append(it)
+        return out
+
+
+class WindowReader:
+    """Reads and maps windows of staged changes. Given ``open_state`` (a second connection to
+    the state database), it reads and maps the next window on a thread while the sink applies
+    the current one: the sink mostly waits on its target then, and the thread has the CPU.
+    Read-only, so a crash or an error loses nothing; at most two windows are in memory."""
+
+    def __init__(self, state: StateStore, pipeline: PipelineSpec, raw: bool,
+                 open_state: Callable[[], StateStore] | None = None) -> None:
+        self._name = pipeline.name
+        self._main = state
+        self._open = open_state
+        self._own: StateStore | None = None  # opened by the first read ahead
+        self._mapper = Mapper(pipeline, lambda rid: self._state.relation(rid))
+        self._raw = raw
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: tuple[Position, Position, Future[tuple[int, list[Mapped]]]] | None = None
+
+    @property
+    def _state(self) -> StateStore:
+        # Once the second connection is open, only it is used: the thread may be using it,
+        # and the main thread reads only when no read ahead is in flight.
+        return self._own or self._main
+
+    def _read(self, after: Position, through: Position) -> tuple[int, list[Mapped]]:
+        rows = self._state.read_staged(self._name, after, through)
+        mapped = [m for m in (map_staged(self._mapper, self._raw, r) for r in rows)
+                  if m is not None]
+        return len(rows), mapped
+
+    def read(self, after: Position, through: Position) -> tuple[int, list[Mapped]]:
+        """The staged rows counted and mapped with ``after < position <= through``."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:2] == (after, through):
+            return ahead[2].result()
+        if ahead is not None:
+            ahead[2].result()  # another range after all (not expected): drop it
+        return self._read(after, through)
+
+    def read_ahead(self, after: Position, through: Position) -> None:
+        """Start reading the window the next :meth:`read` will ask for (no-op without a
+        second connection)."""
+        if self._open is None:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, "sync-read-ahead")
+        self._ahead = (after, through, self._pool.submit(self._read_ahead, after, through))
+
+    def _read_ahead(self, after: Position, through: Position) -> tuple[int, list[Mapped]]:
+        if self._own is None:  # the thread's connection, opened by the thread's first read
+            assert self._open is not None
+            self._own = self._open()
+        return self._read(after, through)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._own is not None:
+            self._own.close()
 
 
 def windows(batches: list[BatchInfo], cap: int) -> Iterator[list[BatchInfo]]:
@@ -172,14 +257,30 @@ def deliver(
     upto_batch: int | None = None, faults: Faults = NO_FAULTS, lock_timeout_s: float = 300.0,
     keep_draining_s: float = 0.0, idle_s: float = 0.0,
     progress: Callable[[DeliveryReport], None] | None = None,
+    open_state: Callable[[], StateStore] | None = None,
 ) -> DeliveryReport:
     """Deliver every staged batch up to ``upto_batch`` (all if None) to ``target``; with
     ``keep_draining_s``, also those staged meanwhile (step 5 above). ``progress`` is called
-    with the report so far after each window."""
+    with the report so far after each window. ``open_state`` opens a second state connection
+    for reading the next window while the sink applies one (:class:`WindowReader`)."""
+    items = Items(state, pipeline, sink)
+    reader = WindowReader(state, pipeline, items.raw, open_state)
+    try:
+        return _deliver(state, pipeline, target, sink, items, reader, upto_batch=upto_batch,
+                        faults=faults, lock_timeout_s=lock_timeout_s,
+                        keep_draining_s=keep_draining_s, idle_s=idle_s, progress=progress)
+    finally:
+        reader.close()
+
+
+def _deliver(
+    state: StateStore, pipeline: PipelineSpec, target: str, sink: Sink, items: Items,
+    reader: WindowReader, *, upto_batch: int | None, faults: Faults, lock_timeout_s: float,
+    keep_draining_s: float, idle_s: float, progress: Callable[[DeliveryReport], None] | None,
+) -> DeliveryReport:
     started = time.monotonic()
     lock = target_lock(pipeline.name, target)
     held = HeldStore(state, pipeline.name, target)
-    items = Items(state, pipeline, sink)
     done: list[BatchInfo] = []
     skipped: list[int] = []
     changes = n_held = n_dead = 0
@@ -202,36 +303,41 @@ def deliver(
                     skipped.append(b.batch_id)
                     state.record_delivered(pipeline.name, target, b.last, b.batch_id)
                 # else: delivered here, kept staged for another target
-            for window in windows(pending, sink.window_changes):
+            groups = list(windows(pending, sink.window_changes))
+            for i, window in enumerate(groups):
                 first, last = window[0], window[-1]
                 with collector_paused():
-                    rows = state.read_staged(
-                        pipeline.name, max(position, before(first)), last.last)
+                    n_rows, mapped = reader.read(max(position, before(first)), last.last)
+                    if i + 1 < len(groups):  # the next window starts right after this one
+                        after = groups[i + 1]
+                        reader.read_ahead(max(last.last, before(after[0])), after[-1].last)
                     accepted = held.delivered_subs(first.first, last.last)  # HTTP ledger
                     parked: list[HeldChange] = []
-                    live: Iterator[Item] | list[Item]
+                    live = items.window(mapped, accepted)
                     if held.any_held():  # some keys may be blocked: find them before sending
-                        batch_items = list(items.staged(rows, accepted))
-                        blocked = held.blocked(it.key for it in batch_items)
+                        blocked = held.blocked(it.key for it in live)
                         taken = held.taken(first.first, last.last) if blocked else set()
-                        parked = [it.change for it in batch_items
+                        parked = [it.change for it in live
                                   if it.key in blocked and it.position not in taken]
-                        live = [it for it in batch_items if it.key not in blocked]
-                    else:  # nothing is blocked: decode and map while the sink starts sending
-                        live = items.staged(rows, accepted)
+                        live = [it for it in live if it.key not in blocked]
                     faults.hit("before_apply")
                     with link_window(state, pipeline, lock_timeout_s) as link:
                         recorder = _Recorder(state, pipeline, target, parked, faults, link)
                         result = sink.apply(
                             live, checkpoint=Checkpoint(last.last, last.batch_id),
                             record=recorder, resolve=link.resolve if link is not None else None)
-                    n_rows = len(rows)
-                    del rows, live  # freed before the collector runs again
+                    del mapped, live  # freed before the collector runs again
                 faults.hit("after_apply")
                 with state.conn.transaction():
                     state.record_delivered(pipeline.name, target, last.last, last.batch_id)
                     state.log_delivered(pipeline.name, target, [b.batch_id for b in window])
                     held.trim_ledger(last.last)
+                if keep_draining_s:
+                    # Free the demand budget the window held (if every target has it) now, not
+                    # at the end of the pass: the sensor stages the next batches while this run
+                    # delivers the rest, instead of the two taking turns.
+                    state.collect_garbage(pipeline.name, list(pipeline.targets),
+                                          housekeeping=False)
                 position = last.last
                 changes += n_rows
                 done.extend(window)
@@ -247,12 +353,11 @@ def deliver(
         now = time.monotonic()
         if pending:
             last_work = now
-            if keep_draining_s:  # free the demand budget now, so the sensor stages the next
-                state.collect_garbage(pipeline.name, list(pipeline.targets))
         if (upto_batch is not None or now - started >= keep_draining_s
                 or now - last_work >= idle_s):
             break
-        time.sleep(DRAIN_POLL_S)  # the sensor stages the next batch meanwhile
+        if not pending:
+            time.sleep(DRAIN_POLL_S)  # the sensor stages the next batch meanwhile
     return DeliveryReport.of(pipeline.name, target, done, changes, stats, started,
                              skipped=tuple(skipped), held_changes=n_held, dead_letters=n_dead)
 

@@ -349,6 +349,11 @@ class PolicySpec(_Model):
     run_idle_seconds: float = Field(default=12.0, ge=0, le=600)
     """...and ends once nothing new was staged for this long (longer than a sensor interval,
     so a steady stream keeps one run busy instead of starting one per batch)."""
+    tick_pull_seconds: float = Field(default=20.0, ge=0, le=45)
+    """While a pull stops at the demand budget and every target with work has a delivery run
+    (which frees room as it delivers), the sensor's tick keeps pulling, up to this long:
+    otherwise a backlog is staged at most one budget per sensor interval. 0: one pull per
+    tick. (Kept under Dagster's 60 s sensor timeout.)"""
     retry: RetrySpec = Field(default_factory=RetrySpec)
     """Retry and dead-letter policy for changes a target refuses."""
     retry_warn: int = Field(default=100, ge=0)
