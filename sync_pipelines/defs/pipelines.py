@@ -6,18 +6,21 @@ For a pipeline ``p`` with targets ``t1..tn``:
   the sensor, one event per staged batch) → ``sync/p/delivered/<t>`` (one per target, each
   materialized by its own delivery run);
 * jobs ``p_deliver_<t>_job`` (in-process executor, tag ``sync/target=p/<t>`` so the run queue
-  keeps one delivery at a time per target, in the order asked): a target that is down, slow
-  or failing fails its own runs against its own asset and never holds up the others;
+  keeps a target's deliveries apart from other targets', in the order asked): a target that
+  is down, slow or failing fails its own runs against its own asset and never holds up the
+  others;
 * sensor ``p_replication_sensor`` (running by default) pulling within the demand budget and
   asking for a delivery of every target that has staged work it has not delivered — when new
   batches were staged and no run of that target is queued or running, and again after
-  ``redeliver_after_seconds`` when a failed run left work behind. While changes keep coming
-  (this tick and the one before staged some) or a backlog waits (the demand budget stopped
-  this tick's pull) the run it asks for keeps draining: it delivers
-  what the sensor stages while it runs, up to the policy's ``run_drain_seconds``, and ends
-  after ``run_idle_seconds`` without new work — one run keeps up with a steady stream instead
-  of one run (and one process start-up) per batch. The sensor's cursor remembers whether the
-  last tick staged anything (and, for webhook sources, the last batch it reported).
+  ``redeliver_after_seconds`` when a failed run left work behind. The run it asks for keeps
+  draining: it delivers what the sensor stages while it runs, up to the policy's
+  ``run_drain_seconds``, and ends after ``run_idle_seconds`` without new work — one run keeps
+  up with a steady stream instead of one run (and one process start-up) per batch. Shortly
+  before a running run reaches ``run_drain_seconds`` its successor is asked for, so the next
+  launch is over by the hand-over (the two never deliver at once: the target's lock); the
+  run queue allows two runs per target for that. While a pull stops at the budget and every
+  target with work has its run, the tick goes on pulling (``tick_pull_seconds``). For
+  webhook sources the cursor remembers the last batch reported.
 
 Bodies stay thin: each calls one engine function and turns its report into metadata.
 """
@@ -178,13 +181,6 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
         last_tick = _cursor(context.cursor)
         if kind == "webhook":  # the receiver staged them
             received = engine.webhooks_received(spec, p, last_tick.get("after") or 0)
-        staged_now = bool(report.batches) or (received is not None
-                                              and received.last_batch is not None)
-        # Changes keep coming (the last tick staged too), or more are waiting than the budget
-        # let this tick stage: the run asked for should keep taking what later ticks stage.
-        backlog_waits = report.stopped_by_demand or report.more or (
-            report.demand > 0 and report.changes >= report.demand)
-        steady = staged_now and (bool(last_tick.get("staged")) or backlog_waits)
         now = datetime.now(timezone.utc)
         requests = []
         for b in backlog:
@@ -192,8 +188,14 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
                 continue
             if b.newest_batch > (b.requested_batch or 0):
                 if _runs(context, p, b.target, _ACTIVE):
-                    continue  # a queued run delivers what is staged, a running one drains it
-                key = f"{p}-{b.target}-batch-{b.newest_batch}"
+                    # A queued run delivers what is staged, a running one drains it — until
+                    # its run_drain_seconds: shortly before, its successor is asked for, so
+                    # the launch (3-8 s) is over when the hand-over comes.
+                    if not _near_its_end(context, p, b.target, pipeline.policy.run_drain_seconds):
+                        continue
+                    key = f"{p}-{b.target}-next-{b.newest_batch}"
+                else:
+                    key = f"{p}-{b.target}-batch-{b.newest_batch}"
             elif (b.requested_at is None or now - b.requested_at > redeliver_after) and not (
                     _runs(context, p, b.target, _ACTIVE)):
                 key = f"{p}-{b.target}-redeliver-{b.newest_batch}-{now:%Y%m%dT%H%M%S}"
@@ -203,7 +205,7 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
             requests.append(dg.RunRequest(
                 run_key=key, job_name=jobs[b.target].name, tags=target_tag(p, b.target),
                 run_config={"ops": {deliver_op_name(p, b.target): {
-                    "config": {"upto_batch": None, "keep_draining": steady}}}}))
+                    "config": {"upto_batch": None, "keep_draining": True}}}}))
         events = [dg.AssetMaterialization(staged_key(p), metadata=_batch_metadata(b, report))
                   for b in report.batches]
         after = last_tick.get("after")
@@ -211,7 +213,7 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
             events.append(dg.AssetMaterialization(
                 staged_key(p), metadata=_received_metadata(received)))
             after = received.last_batch
-        cursor = json.dumps({"after": after, "staged": staged_now})
+        cursor = json.dumps({"after": after})
         if not requests and not events:
             context.update_cursor(cursor)
             return dg.SkipReason(_skip_reason(report, backlog))
@@ -223,10 +225,10 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
 
 
 def _cursor(text: str | None) -> dict[str, Any]:
-    """The sensor's cursor: ``{"after": last webhook batch reported, "staged": whether the
-    last tick staged changes}`` (a bare batch id from earlier versions is read too)."""
+    """The sensor's cursor: ``{"after": last webhook batch reported}`` (a bare batch id from
+    earlier versions is read too)."""
     if text and text.isdigit():
-        return {"after": int(text), "staged": False}
+        return {"after": int(text)}
     try:
         value = json.loads(text) if text else {}
     except ValueError:
@@ -261,6 +263,26 @@ def _received_metadata(r: Any) -> dict[str, Any]:
         "batches": f"{r.first_batch}–{r.last_batch}",
         "webhooks_by_table": dg.MetadataValue.json(r.tables),
     }
+
+
+SUCCESSOR_LEAD_S = 15.0
+"""How long before a draining run's end its successor is asked for: a sensor interval (5 s)
+plus the queue and a run launch (3-8 s measured)."""
+
+
+def _near_its_end(context: dg.SensorEvaluationContext, p: str, target: str,
+                  drain_s: float) -> bool:
+    """The target's one active run is running and within SUCCESSOR_LEAD_S of its drain limit
+    (counted from when it was asked for). Never for runs that do not drain that long."""
+    if drain_s <= 2 * SUCCESSOR_LEAD_S:
+        return False
+    records = context.instance.get_run_records(dg.RunsFilter(
+        job_name=deliver_job_name(p, target), statuses=_ACTIVE,
+        tags={TARGET_TAG: f"{p}/{target}"}), limit=2)
+    if len(records) != 1 or records[0].dagster_run.status != dg.DagsterRunStatus.STARTED:
+        return False
+    age = datetime.now(timezone.utc) - records[0].create_timestamp
+    return age.total_seconds() >= drain_s - SUCCESSOR_LEAD_S
 
 
 def _runs(context: dg.SensorEvaluationContext, p: str, target: str,
