@@ -387,9 +387,9 @@ class PostgresSink:
     def _copy_raw(self, temp: sql.Identifier, columns: list[str], rows: list[RawRow]) -> None:
         """Raw rows into a temp table of text columns: one binary COPY, the rows' bytes as
         they are."""
-        with self.conn.cursor() as cur, cur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)"
-                                                     ).format(
-                temp, sql.SQL(", ").join(map(sql.Identifier, columns)))) as copy:
+        statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
+            temp, sql.SQL(", ").join(map(sql.Identifier, columns)))
+        with self.conn.cursor() as cur, cur.copy(statement) as copy:
             copy.write(COPY_HEADER + b"".join([r.data for r in rows]) + COPY_TRAILER)
 
     def _copy(self, temp: sql.Identifier, columns: list[str], rows: list[tuple[Any, ...]]) -> None:
