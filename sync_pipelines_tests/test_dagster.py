@@ -189,22 +189,26 @@ def test_a_steady_stream_gets_one_draining_run_not_one_run_per_batch(
     with dg.instance_for_test() as instance:
         tick_with_cursor(instance)
         execute(source_dsn, "INSERT INTO accounts VALUES (1, 'a', 1)")
-        # The run asked for drains: it takes what later ticks stage.
+        # A first batch after a quiet tick: a run that delivers what is there and ends.
         [first] = tick_with_cursor(instance).run_requests
-        assert draining(first)
-        # While that run is going on (started, draining), newly staged batches are its own:
-        # the sensor asks for no second run.
-        started = instance.create_run_for_job(job, run_config=first.run_config,
-                                              tags=first.tags,
-                                              status=dg.DagsterRunStatus.STARTED)
+        assert not draining(first)
+        # Changes on consecutive ticks: the stream is steady, the run asked for drains it.
         execute(source_dsn, "INSERT INTO accounts VALUES (2, 'b', 1)")
-        assert tick_with_cursor(instance).run_requests == []
-        instance.report_run_canceled(started)
-        # Once it ended, what it left is asked for.
         [second] = tick_with_cursor(instance).run_requests
         assert draining(second)
-        run = job.execute_in_process(run_config=second.run_config, instance=instance,
-                                     tags=second.tags)
+        # While that run is going on (started, draining), newly staged batches are its own:
+        # the sensor asks for no second run.
+        started = instance.create_run_for_job(job, run_config=second.run_config,
+                                              tags=second.tags,
+                                              status=dg.DagsterRunStatus.STARTED)
+        execute(source_dsn, "INSERT INTO accounts VALUES (3, 'c', 1)")
+        assert tick_with_cursor(instance).run_requests == []
+        instance.report_run_canceled(started)
+        # Once it ended, what it left is asked for; a quiet tick ends the steady stream.
+        [third] = tick_with_cursor(instance).run_requests
+        assert not draining(third)  # this tick staged nothing new: no longer steady
+        run = job.execute_in_process(run_config=third.run_config, instance=instance,
+                                     tags=third.tags)
         assert run.success
         assert_tables_equal(source_dsn, target_dsn, "accounts", columns="id, tier")
 

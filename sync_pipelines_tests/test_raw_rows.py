@@ -6,17 +6,20 @@ backslashes, ``\\N`` as text, NULL, empty, multi-byte); it declines (None: the c
 decoded instead) for casts, derived fields, filters, old tuples, unchanged TOAST values and
 malformed messages. End to end (real PostgreSQL): such rows reach a target of many types equal
 to the source; a value too long for the target's varchar(n) is refused and dead-lettered as
-COPY refuses it, never cut short; a domain column goes through the decoded path and keeps its
-check.
+COPY refuses it, never cut short, and char(n) and bit(n) keep their lengths (the cast names
+the type, not the SQL spelling that means length 1); a domain column goes through the decoded
+path and keeps its check.
 """
 
 from __future__ import annotations
 
 import struct
+from contextlib import closing
 
 import pytest
 
 from sync_pipelines.engine import deliver_pipeline, pull_pipeline, target_health
+from sync_pipelines.engine.delivery.sinks.registry import open_sink
 from sync_pipelines.engine.mapping.mapper import Mapper, Upsert
 from sync_pipelines.engine.staging.store import StateStore
 from sync_pipelines.engine.wire.change import START, Position, decode_change
@@ -95,16 +98,21 @@ def test_changes_raw_rows_cannot_carry_are_decoded():
 @pytest.fixture
 def typed(monkeypatch, source_dsn, target_dsn, state_dsn):
     cols = ("id bigint PRIMARY KEY, code text, amount numeric(12,4), tags text[], doc jsonb, "
-            "at timestamptz, day date, blob bytea, flag boolean, note text, secret text")
-    execute(source_dsn, f"CREATE TABLE things ({cols})")
-    # The target's own types: a narrower varchar, a coarser numeric, a domain with a check.
+            "at timestamptz, day date, blob bytea, flag boolean, note text, secret text, "
+            "country char(2), bits bit(3), codes char(3)[]")
+    execute(source_dsn, f"CREATE TABLE things ({cols})",
+            "CREATE TABLE memos (id bigint PRIMARY KEY, memo text)")
+    # The target's own types: a narrower varchar, a coarser numeric; a domain with a check in
+    # a table of its own (a domain column sends its whole table the decoded way).
     execute(target_dsn, "CREATE DOMAIN short_note AS varchar(8) CHECK (VALUE <> 'nope')",
             "CREATE TABLE things (id bigint PRIMARY KEY, code varchar(5), amount numeric(12,2), "
             "tags text[], doc jsonb, at timestamptz, day date, blob bytea, flag boolean, "
-            "memo short_note)")
+            "memo varchar(8), country char(2), bits bit(3), codes char(3)[])",
+            "CREATE TABLE memos (id bigint PRIMARY KEY, memo short_note)")
     s = make_spec(monkeypatch, source_dsn=source_dsn, target_dsn=target_dsn,
                   state_dsn=state_dsn, tables={"things": {"columns": {"note": "memo"},
-                                                          "exclude": ["secret"]}},
+                                                          "exclude": ["secret"]},
+                                               "memos": {}},
                   policy={"batch_size": 50, "retry": {"max_attempts": 1}})
     pull_pipeline(s, "crm")
     return s
@@ -118,11 +126,13 @@ def test_raw_rows_reach_a_typed_target_and_keep_its_rules(typed, source_dsn, tar
             "jsonb_build_object('n', g, 's', E'line\\nnext'), "
             "timestamptz '2024-01-01 00:00+00' + g * interval '1 minute', "
             "date '2024-01-01' + g, decode(md5(g::text), 'hex'), g % 2 = 0, "
-            "CASE WHEN g % 7 = 0 THEN NULL ELSE 'n' || g END, 's3cret' "
+            "CASE WHEN g % 7 = 0 THEN NULL ELSE 'n' || g END, 's3cret', "
+            "(ARRAY['DE', 'FR', 'P'])[1 + g % 3], (g % 8)::bit(3), ARRAY['ab', 'xyz'] "
             "FROM generate_series(1, 300) g",
             "UPDATE things SET code = 'toolong' WHERE id = 10",       # varchar(5) refuses it
-            "UPDATE things SET note = 'nope' WHERE id = 20",     # the domain refuses it
-            "UPDATE things SET note = E'tab\\there' WHERE id = 30")
+            "UPDATE things SET note = 'much too long' WHERE id = 20",  # varchar(8) refuses it
+            "UPDATE things SET note = E'tab\\there' WHERE id = 30",
+            "INSERT INTO memos VALUES (1, 'fine'), (2, 'nope')")  # the domain refuses key 2
     pull_pipeline(typed, "crm")
     state = StateStore.connect(state_dsn)
     staged = state.read_staged("crm", *_span(state))
@@ -131,21 +141,27 @@ def test_raw_rows_reach_a_typed_target_and_keep_its_rules(typed, source_dsn, tar
     state.close()
     assert all(ops is not None and isinstance(ops[0].row, RawRow) for ops in raw), \
         "every change here passes through raw"
+    with closing(open_sink(typed.pipelines["crm"], "replica")) as sink:
+        assert sink._raw_casts("public.things", ["id", "code", "country", "bits"]) is not None
+        assert sink._raw_casts("public.memos", ["id", "memo"]) is None  # a domain: decoded
     report = deliver_pipeline(typed, "crm")[0]
-    assert report.changes == len(staged) == 303
-    assert report.dead_letters == 2
+    assert report.changes == len(staged) == 305
+    assert report.dead_letters == 3
     reasons = [d["reason"] for d in target_health(typed, "crm")[0].latest_dead_letters]
-    assert any("too long" in r for r in reasons) and any("short_note" in r for r in reasons), \
-        reasons
+    assert sum("too long" in r for r in reasons) == 2, reasons
+    assert any("short_note" in r for r in reasons), reasons
+    assert rows(target_dsn, "SELECT id, memo FROM memos ORDER BY id") == [(1, "fine")]
     # Not cut short: key 10 keeps its previous code, key 20 its previous memo.
     assert rows(target_dsn, "SELECT code FROM things WHERE id = 10") == [("c10",)]
     assert rows(target_dsn, "SELECT memo FROM things WHERE id = 20") == [("n20",)]
     # Everything else equals the source, values converted as COPY converts them.
     expected = rows(source_dsn,
                     "SELECT id, code, amount::numeric(12,2), tags, doc, at, day, blob, flag, "
-                    "note FROM things WHERE id NOT IN (10, 20) ORDER BY id")
-    got = rows(target_dsn, "SELECT id, code, amount, tags, doc, at, day, blob, flag, memo "
-                           "FROM things WHERE id NOT IN (10, 20) ORDER BY id")
+                    "note, country, bits::text, codes::text FROM things "
+                    "WHERE id NOT IN (10, 20) ORDER BY id")
+    got = rows(target_dsn, "SELECT id, code, amount, tags, doc, at, day, blob, flag, memo, "
+                           "country, bits::text, codes::text FROM things "
+                           "WHERE id NOT IN (10, 20) ORDER BY id")
     assert got == expected
     assert rows(target_dsn, "SELECT memo FROM things WHERE id = 30") == [("tab\there",)]
 

@@ -12,15 +12,18 @@ For a pipeline ``p`` with targets ``t1..tn``:
 * sensor ``p_replication_sensor`` (running by default) pulling within the demand budget and
   asking for a delivery of every target that has staged work it has not delivered — when new
   batches were staged and no run of that target is queued or running, and again after
-  ``redeliver_after_seconds`` when a failed run left work behind. The run it asks for keeps
-  draining: it delivers what the sensor stages while it runs, up to the policy's
-  ``run_drain_seconds``, and ends after ``run_idle_seconds`` without new work — one run keeps
-  up with a steady stream instead of one run (and one process start-up) per batch. Shortly
+  ``redeliver_after_seconds`` when a failed run left work behind. While changes keep coming
+  (this tick and the one before staged some) or a backlog waits (the demand budget stopped
+  this tick's pull) the run it asks for keeps draining: it delivers what the sensor stages
+  while it runs, up to the policy's ``run_drain_seconds``, and ends after
+  ``run_idle_seconds`` without new work — one run keeps up with a steady stream instead of
+  one run (and one process start-up) per batch. Shortly
   before a running run reaches ``run_drain_seconds`` its successor is asked for, so the next
   launch is over by the hand-over (the two never deliver at once: the target's lock); the
   run queue allows two runs per target for that. While a pull stops at the budget and every
-  target with work has its run, the tick goes on pulling (``tick_pull_seconds``). For
-  webhook sources the cursor remembers the last batch reported.
+  target with work has its run, the tick goes on pulling (``tick_pull_seconds``). The
+  cursor remembers whether the last tick staged anything (and, for webhook sources, the last
+  batch it reported).
 
 Bodies stay thin: each calls one engine function and turns its report into metadata.
 """
@@ -181,6 +184,13 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
         last_tick = _cursor(context.cursor)
         if kind == "webhook":  # the receiver staged them
             received = engine.webhooks_received(spec, p, last_tick.get("after") or 0)
+        staged_now = bool(report.batches) or (received is not None
+                                              and received.last_batch is not None)
+        # Changes keep coming (the last tick staged too), or more are waiting than the budget
+        # let this tick stage: the run asked for should keep taking what later ticks stage.
+        backlog_waits = report.stopped_by_demand or report.more or (
+            report.demand > 0 and report.changes >= report.demand)
+        steady = staged_now and (bool(last_tick.get("staged")) or backlog_waits)
         now = datetime.now(timezone.utc)
         requests = []
         for b in backlog:
@@ -205,7 +215,7 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
             requests.append(dg.RunRequest(
                 run_key=key, job_name=jobs[b.target].name, tags=target_tag(p, b.target),
                 run_config={"ops": {deliver_op_name(p, b.target): {
-                    "config": {"upto_batch": None, "keep_draining": True}}}}))
+                    "config": {"upto_batch": None, "keep_draining": steady}}}}))
         events = [dg.AssetMaterialization(staged_key(p), metadata=_batch_metadata(b, report))
                   for b in report.batches]
         after = last_tick.get("after")
@@ -213,7 +223,7 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
             events.append(dg.AssetMaterialization(
                 staged_key(p), metadata=_received_metadata(received)))
             after = received.last_batch
-        cursor = json.dumps({"after": after})
+        cursor = json.dumps({"after": after, "staged": staged_now})
         if not requests and not events:
             context.update_cursor(cursor)
             return dg.SkipReason(_skip_reason(report, backlog))
@@ -225,10 +235,10 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
 
 
 def _cursor(text: str | None) -> dict[str, Any]:
-    """The sensor's cursor: ``{"after": last webhook batch reported}`` (a bare batch id from
-    earlier versions is read too)."""
+    """The sensor's cursor: ``{"after": last webhook batch reported, "staged": whether the
+    last tick staged changes}`` (a bare batch id from earlier versions is read too)."""
     if text and text.isdigit():
-        return {"after": int(text)}
+        return {"after": int(text), "staged": False}
     try:
         value = json.loads(text) if text else {}
     except ValueError:

@@ -97,8 +97,8 @@ class PostgresSink:
             self.conn.execute(TEXT_FORMAT_SETTINGS)  # parse values as the source wrote them
         self._ckpt = sql.Identifier(spec.checkpoint_schema, "checkpoint")
         self._columns: dict[str, dict[str, str]] = {}  # table → column → type
-        # table → column → its type without modifier, the cast of a raw text value (None for
-        # a domain: a cast could differ from COPY's input there, so such rows go as text)
+        # table → column → its type's own name (no modifier), the cast of a raw text value
+        # (None for a domain: a cast could differ from COPY's input there, such rows go as text)
         self._casts: dict[str, dict[str, str | None]] = {}
         self._keys: dict[str, list[str]] = {}
         self._prepared: set[tuple[str, int]] = set()
@@ -254,8 +254,9 @@ class PostgresSink:
             return self._columns[table]
         rows = self.conn.execute(
             "SELECT a.attname, format_type(a.atttypid, a.atttypmod), "
-            "CASE WHEN t.typtype <> 'd' THEN format_type(a.atttypid, NULL) END "
+            "CASE WHEN t.typtype <> 'd' THEN format('%%I.%%I', n.nspname, t.typname) END "
             "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+            "JOIN pg_namespace n ON n.oid = t.typnamespace "
             "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
             (sql.Identifier(*table.split(".")).as_string(self.conn),),
         ).fetchall()
@@ -266,9 +267,12 @@ class PostgresSink:
         return self._columns[table]
 
     def _raw_casts(self, table: str, cols: list[str]) -> list[str] | None:
-        """The cast of each column's raw text value, or None if one is a domain. The cast
-        has no type modifier: the INSERT applies it as an assignment, which refuses a value
-        too long for varchar(n) as COPY does (an explicit cast would cut it short)."""
+        """The cast of each column's raw text value, or None if one is a domain. The cast is
+        to the type's own name (``pg_catalog.bpchar``, ``pg_catalog."bit"``...), which has no
+        type modifier — not the SQL spelling, where ``character`` and ``bit`` mean length 1 —
+        so the INSERT applies the column's modifier as an assignment, which refuses a value
+        too long for varchar(n) or char(n) as COPY does (an explicit cast would cut it
+        short)."""
         self._load_columns(table)
         casts = [self._casts.get(table, {}).get(c) for c in cols]
         return None if None in casts else casts  # type: ignore[return-value]
