@@ -9,9 +9,7 @@ import ast
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import pytest
@@ -211,49 +209,6 @@ def test_a_steady_stream_gets_one_draining_run_not_one_run_per_batch(
                                      tags=third.tags)
         assert run.success
         assert_tables_equal(source_dsn, target_dsn, "accounts", columns="id, tier")
-
-
-def test_a_draining_run_near_its_end_gets_its_successor_asked_for(
-        tmp_path, monkeypatch, source_dsn, target_dsn, state_dsn):
-    """Shortly before a running run reaches run_drain_seconds, the sensor asks for the next
-    one (its launch then overlaps the run's last seconds); only one successor, never while a
-    run is still queued."""
-    from sync_pipelines.defs.pipelines import SUCCESSOR_LEAD_S
-
-    execute(source_dsn, "CREATE TABLE accounts (id int PRIMARY KEY, name text, tier int)")
-    drain = 2 * SUCCESSOR_LEAD_S + 1  # the shortest drain that gets a successor
-    spec = write_spec(tmp_path, monkeypatch, source_dsn, target_dsn, state_dsn,
-                      run_drain_seconds=drain)
-    defs = build_definitions(str(spec))
-    job = defs.resolve_job_def("crm_deliver_reporting_job")
-    with dg.instance_for_test() as instance:
-        tick(defs, instance, spec)
-        execute(source_dsn, "INSERT INTO accounts VALUES (1, 'a', 1)")
-        [first] = tick(defs, instance, spec).run_requests
-        queued = instance.create_run_for_job(job, run_config=first.run_config,
-                                             tags=first.tags, status=dg.DagsterRunStatus.STARTING)
-        execute(source_dsn, "INSERT INTO accounts VALUES (2, 'b', 1)")
-        assert tick(defs, instance, spec).run_requests == []  # waiting to start: it takes that too
-        instance.report_run_canceled(queued)
-        running = instance.create_run_for_job(job, run_config=first.run_config,
-                                              tags=first.tags,
-                                              status=dg.DagsterRunStatus.STARTED)
-        execute(source_dsn, "INSERT INTO accounts VALUES (3, 'c', 1)")
-        assert tick(defs, instance, spec).run_requests == []  # far from its end
-        time.sleep(drain - SUCCESSOR_LEAD_S - (time.time() - running_created(instance,
-                                                                             running)) + 0.2)
-        execute(source_dsn, "INSERT INTO accounts VALUES (4, 'd', 1)")
-        [successor] = tick(defs, instance, spec).run_requests
-        assert "-next-" in successor.run_key and successor.tags == first.tags
-        instance.create_run_for_job(job, run_config=successor.run_config, tags=successor.tags,
-                                    status=dg.DagsterRunStatus.STARTING)
-        execute(source_dsn, "INSERT INTO accounts VALUES (5, 'e', 1)")
-        assert tick(defs, instance, spec).run_requests == []  # one successor only
-
-
-def running_created(instance: dg.DagsterInstance, run: Any) -> float:
-    [record] = instance.get_run_records(dg.RunsFilter(run_ids=[run.run_id]))
-    return record.create_timestamp.timestamp()
 
 
 def test_a_backlog_beyond_the_demand_budget_gets_a_draining_run(

@@ -6,24 +6,20 @@ For a pipeline ``p`` with targets ``t1..tn``:
   the sensor, one event per staged batch) → ``sync/p/delivered/<t>`` (one per target, each
   materialized by its own delivery run);
 * jobs ``p_deliver_<t>_job`` (in-process executor, tag ``sync/target=p/<t>`` so the run queue
-  keeps a target's deliveries apart from other targets', in the order asked): a target that
-  is down, slow or failing fails its own runs against its own asset and never holds up the
-  others;
+  keeps one delivery at a time per target, in the order asked): a target that is down, slow
+  or failing fails its own runs against its own asset and never holds up the others;
 * sensor ``p_replication_sensor`` (running by default) pulling within the demand budget and
   asking for a delivery of every target that has staged work it has not delivered — when new
   batches were staged and no run of that target is queued or running, and again after
   ``redeliver_after_seconds`` when a failed run left work behind. While changes keep coming
   (this tick and the one before staged some) or a backlog waits (the demand budget stopped
-  this tick's pull) the run it asks for keeps draining: it delivers what the sensor stages
-  while it runs, up to the policy's ``run_drain_seconds``, and ends after
-  ``run_idle_seconds`` without new work — one run keeps up with a steady stream instead of
-  one run (and one process start-up) per batch. Shortly
-  before a running run reaches ``run_drain_seconds`` its successor is asked for, so the next
-  launch is over by the hand-over (the two never deliver at once: the target's lock); the
-  run queue allows two runs per target for that. While a pull stops at the budget and every
-  target with work has its run, the tick goes on pulling (``tick_pull_seconds``). The
-  cursor remembers whether the last tick staged anything (and, for webhook sources, the last
-  batch it reported).
+  this tick's pull) the run it asks for keeps draining: it delivers
+  what the sensor stages while it runs, up to the policy's ``run_drain_seconds``, and ends
+  after ``run_idle_seconds`` without new work — one run keeps up with a steady stream instead
+  of one run (and one process start-up) per batch. While a pull stops at the budget and
+  every target with work has its run queued or running, the tick goes on pulling as the runs
+  free room (``tick_pull_seconds``). The sensor's cursor remembers whether the last tick
+  staged anything (and, for webhook sources, the last batch it reported).
 
 Bodies stay thin: each calls one engine function and turns its report into metadata.
 """
@@ -198,14 +194,8 @@ def build_pipeline_defs(pipeline: PipelineSpec) -> dg.Definitions:
                 continue
             if b.newest_batch > (b.requested_batch or 0):
                 if _runs(context, p, b.target, _ACTIVE):
-                    # A queued run delivers what is staged, a running one drains it — until
-                    # its run_drain_seconds: shortly before, its successor is asked for, so
-                    # the launch (3-8 s) is over when the hand-over comes.
-                    if not _near_its_end(context, p, b.target, pipeline.policy.run_drain_seconds):
-                        continue
-                    key = f"{p}-{b.target}-next-{b.newest_batch}"
-                else:
-                    key = f"{p}-{b.target}-batch-{b.newest_batch}"
+                    continue  # a queued run delivers what is staged, a running one drains it
+                key = f"{p}-{b.target}-batch-{b.newest_batch}"
             elif (b.requested_at is None or now - b.requested_at > redeliver_after) and not (
                     _runs(context, p, b.target, _ACTIVE)):
                 key = f"{p}-{b.target}-redeliver-{b.newest_batch}-{now:%Y%m%dT%H%M%S}"
@@ -273,26 +263,6 @@ def _received_metadata(r: Any) -> dict[str, Any]:
         "batches": f"{r.first_batch}–{r.last_batch}",
         "webhooks_by_table": dg.MetadataValue.json(r.tables),
     }
-
-
-SUCCESSOR_LEAD_S = 15.0
-"""How long before a draining run's end its successor is asked for: a sensor interval (5 s)
-plus the queue and a run launch (3-8 s measured)."""
-
-
-def _near_its_end(context: dg.SensorEvaluationContext, p: str, target: str,
-                  drain_s: float) -> bool:
-    """The target's one active run is running and within SUCCESSOR_LEAD_S of its drain limit
-    (counted from when it was asked for). Never for runs that do not drain that long."""
-    if drain_s <= 2 * SUCCESSOR_LEAD_S:
-        return False
-    records = context.instance.get_run_records(dg.RunsFilter(
-        job_name=deliver_job_name(p, target), statuses=_ACTIVE,
-        tags={TARGET_TAG: f"{p}/{target}"}), limit=2)
-    if len(records) != 1 or records[0].dagster_run.status != dg.DagsterRunStatus.STARTED:
-        return False
-    age = datetime.now(timezone.utc) - records[0].create_timestamp
-    return age.total_seconds() >= drain_s - SUCCESSOR_LEAD_S
 
 
 def _runs(context: dg.SensorEvaluationContext, p: str, target: str,
