@@ -820,7 +820,7 @@ def engine_drain(spec_path: Path, max_rounds: int = 10_000) -> dict[str, Any]:
         pull_s, deliver_s = pull_s + b - a, deliver_s + c - b
         pulled, delivered = pulled + pr.changes, delivered + got
         if pr.changes == 0 and got == 0:
-            if pr.skipped and pr.skipped.startswith("demand"):
+            if pr.waiting_for_room:
                 raise SystemExit(f"engine drain stalled: {pr.skipped}")
             break
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)

@@ -305,7 +305,7 @@ def drain_main(config: dict[str, Any]) -> None:
             reason = re.sub(r"\d[\d,]*", "N", pr.skipped)
             skips[reason] = skips.get(reason, 0) + 1
         if pr.changes == 0 and got == 0:
-            if pr.skipped and pr.skipped.startswith("demand"):
+            if pr.waiting_for_room:
                 raise SystemExit(f"stalled: {pr.skipped} and delivery made no progress")
             break
     wall = now() - started

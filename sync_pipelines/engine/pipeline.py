@@ -99,8 +99,7 @@ def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS,
         refetched = refetch_pending(state, pipeline, faults=faults)
         started = monotonic()
         report = last = pull(source, state, pipeline, faults=faults)
-        budget = pipeline.policy.demand_budget
-        while (keep_pulling_s and _at_budget(last, budget)
+        while (keep_pulling_s and (last.stopped_by_demand or last.waiting_for_room)
                and monotonic() - started < keep_pulling_s
                and (keep_pulling is None or keep_pulling())):
             sleep(PULL_AGAIN_S)
@@ -111,12 +110,6 @@ def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS,
 
 PULL_AGAIN_S = 0.25
 """How often a tick that keeps pulling looks for room in the budget."""
-
-
-def _at_budget(r: PullReport, budget: int) -> bool:
-    """The pull stopped (or did not start) because the demand budget was taken."""
-    return r.stopped_by_demand or (not r.changes and r.skipped is not None
-                                   and 2 * r.demand < budget)
 
 
 def _merged(a: PullReport, b: PullReport, duration_s: float) -> PullReport:

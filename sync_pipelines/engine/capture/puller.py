@@ -69,6 +69,8 @@ class PullReport:
     slot_lag_bytes: int = 0
     skipped: str | None = None
     stopped_by_demand: bool = False
+    waiting_for_room: bool = False
+    """Nothing was pulled because the demand budget is taken (zero, or under half of it)."""
     more: bool = False
     """The source has more to read right now (a poll stopped inside a listing)."""
     echoes: int = 0
@@ -285,7 +287,7 @@ def pull(
             return PullReport(
                 pipeline.name, 0, undelivered, slot_lag_bytes=slot.lag_bytes,
                 skipped=f"demand is zero: {undelivered} changes staged and not yet delivered "
-                f"(budget {budget})",
+                f"(budget {budget})", waiting_for_room=True,
                 duration_s=time.monotonic() - started,
             )
         if 2 * demand < budget:
@@ -299,6 +301,7 @@ def pull(
                 pipeline.name, demand, undelivered, slot_lag_bytes=slot.lag_bytes,
                 skipped=f"demand is under half the budget: {undelivered} changes staged and "
                 f"not yet delivered (budget {budget}); the next pull waits for room",
+                waiting_for_room=True,
                 duration_s=time.monotonic() - started,
             )
         flush_before = source.flush_lsn()
