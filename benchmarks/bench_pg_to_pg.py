@@ -200,7 +200,9 @@ def _pull_loop(policy: dict[str, Any], done: Any) -> None:
     pulled = idle = 0
     t0 = now()
     while idle < 3:
-        pr = pull_pipeline(spec, PIPELINE)
+        # As the sensor's tick does while delivery runs: keep pulling as room frees up.
+        pr = pull_pipeline(spec, PIPELINE, keep_pulling_s=spec.pipelines[PIPELINE].policy
+                           .tick_pull_seconds, keep_pulling=lambda: True)
         pulled += pr.changes
         if pr.changes:
             idle = 0
