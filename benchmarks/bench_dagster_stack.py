@@ -904,7 +904,7 @@ def header(res: dict[str, Any], w: Any) -> None:
         ", ".join(f"{x:.2f}" for x in res[k]) for k in ("loadavg_start", "loadavg_end")))
     pol = res["policy"] or "defaults"
     w(f"spec policy: {pol}; dagster.yaml: repository copy (queued coordinator, dequeue every 5 s "
-      f"by default, sensor minimum_interval 5 s)")
+      f"by default, sensor minimum_interval 2 s under the daemon's 5 s loop)")
 
 
 def run_lines(d: dict[str, Any], dev: dict[str, Any], w: Any) -> None:

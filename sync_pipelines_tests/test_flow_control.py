@@ -349,3 +349,50 @@ def test_a_tick_keeps_pulling_while_a_run_delivers(monkeypatch, source_dsn, targ
     assert peak[0] <= budget
     deliver_pipeline(spec, "crm")
     assert_tables_equal(source_dsn, target_dsn, "items")
+
+
+def test_a_following_tick_stages_changes_as_they_come_while_a_run_delivers(
+        monkeypatch, source_dsn, target_dsn, state_dsn):
+    """With ``follow``, a tick that has caught up goes on pulling every FOLLOW_S while a run
+    delivers, so a change committed during the tick is staged (and delivered) within about
+    that long instead of at the next tick; once no run is under way it ends."""
+    import threading
+    import time
+
+    from sync_pipelines.engine.pipeline import FOLLOW_S, deliver_target
+
+    execute(source_dsn, "CREATE TABLE items (id int PRIMARY KEY, v int, note text)")
+    spec = make_spec(monkeypatch, source_dsn=source_dsn, target_dsn=target_dsn,
+                     state_dsn=state_dsn, tables=["items"],
+                     policy={"run_idle_seconds": 2.5})
+    assert pull_pipeline(spec, "crm").changes == 0
+    execute(source_dsn, "INSERT INTO items VALUES (0, 0, 'first')")
+    assert pull_pipeline(spec, "crm").changes == 1
+    run = threading.Thread(target=deliver_target, args=(spec, "crm", "replica"),
+                           kwargs={"keep_draining": True})
+    def writer() -> None:
+        with psycopg.connect(source_dsn, autocommit=True) as conn:
+            for i in range(1, 9):
+                time.sleep(0.3)
+                conn.execute("INSERT INTO items VALUES (%s, 0, 'later')", (i,))
+
+    run.start()
+    writing = threading.Thread(target=writer)
+    writing.start()
+    started = time.monotonic()
+    tick = pull_pipeline(spec, "crm", keep_pulling_s=30, keep_pulling=run.is_alive,
+                         follow=True)
+    ended = time.monotonic()
+    writing.join()
+    run.join(timeout=30)
+    assert tick.changes == 8 and len(tick.batches) >= 3, tick  # staged as they came
+    # It ended because the run did (idle 2.5 s after the last change), not at its bound.
+    assert ended - started < 15
+    delivered = rows(target_dsn, "SELECT count(*) FROM items")[0][0]
+    assert delivered == 9
+    # Not following: one pull, whatever the run does.
+    execute(source_dsn, "INSERT INTO items VALUES (100, 0, 'alone')")
+    alone = pull_pipeline(spec, "crm", keep_pulling_s=30, keep_pulling=lambda: True)
+    assert alone.changes == 1 and alone.duration_s < 5 * FOLLOW_S
+    deliver_pipeline(spec, "crm")
+    assert_tables_equal(source_dsn, target_dsn, "items")

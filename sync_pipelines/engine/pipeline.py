@@ -68,14 +68,17 @@ def open_source(pipeline: PipelineSpec) -> Source:
 
 def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS,
                   force: bool = False, keep_pulling_s: float = 0.0,
-                  keep_pulling: Callable[[], bool] | None = None) -> PullReport:
+                  keep_pulling: Callable[[], bool] | None = None,
+                  follow: bool = False) -> PullReport:
     """One sensor tick of the pipeline's source.
 
     PostgreSQL: re-read the rows delivery asked for (their watermarks go into the WAL first,
     so this very pull meets them; their few rows are not held to the demand budget), then
-    pull within the demand budget — and, with ``keep_pulling_s``, while the pull stopped at
-    the budget and ``keep_pulling()`` says delivery is under way, pull again as delivery frees
-    room, up to that long (one report for all of it). Polling: one poll of each table whose
+    pull within the demand budget — and, with ``keep_pulling_s``, while ``keep_pulling()``
+    says delivery is under way, pull again, up to that long (one report for all of it): every
+    ``PULL_AGAIN_S`` while the pull stopped at the budget (delivery frees room), and with
+    ``follow`` every ``FOLLOW_S`` once it has caught up (new changes are staged as they come,
+    not at the next tick). Polling: one poll of each table whose
     interval has passed (``force``: now). Webhooks: nothing to pull — the receiver stages as
     requests come."""
     pipeline = spec.pipelines[name]
@@ -99,10 +102,11 @@ def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS,
         refetched = refetch_pending(state, pipeline, faults=faults)
         started = monotonic()
         report = last = pull(source, state, pipeline, faults=faults)
-        while (keep_pulling_s and (last.stopped_by_demand or last.waiting_for_room)
-               and monotonic() - started < keep_pulling_s
-               and (keep_pulling is None or keep_pulling())):
-            sleep(PULL_AGAIN_S)
+        while keep_pulling_s and monotonic() - started < keep_pulling_s:
+            backlog = last.stopped_by_demand or last.waiting_for_room
+            if not (backlog or follow) or not (keep_pulling is None or keep_pulling()):
+                break
+            sleep(PULL_AGAIN_S if backlog else FOLLOW_S)
             last = pull(source, state, pipeline, faults=faults)
             report = _merged(report, last, monotonic() - started)
         return dataclasses.replace(report, refetch=refetched)
@@ -110,6 +114,9 @@ def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS,
 
 PULL_AGAIN_S = 0.25
 """How often a tick that keeps pulling looks for room in the budget."""
+FOLLOW_S = 0.5
+"""How often a tick that follows the source pulls once it has caught up: what a change waits
+for its pull while a delivery run drains (instead of up to a sensor interval)."""
 
 
 def _merged(a: PullReport, b: PullReport, duration_s: float) -> PullReport:
