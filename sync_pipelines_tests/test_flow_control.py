@@ -370,6 +370,7 @@ def test_a_following_tick_stages_changes_as_they_come_while_a_run_delivers(
     assert pull_pipeline(spec, "crm").changes == 1
     run = threading.Thread(target=deliver_target, args=(spec, "crm", "replica"),
                            kwargs={"keep_draining": True})
+
     def writer() -> None:
         with psycopg.connect(source_dsn, autocommit=True) as conn:
             for i in range(1, 9):
