@@ -4,6 +4,8 @@ overwrites a newer live change; resumable after a crash at any point of a chunk.
 
 Real PostgreSQL (source, state, target), the real puller and Postgres sink; live writes come
 from a thread on its own connection. Not covered here: the Dagster jobs (test_dagster_reconcile),
+
+pytestmark = pytest.mark.pg_versions
 HTTP targets (the same stream path as test_http_target).
 """
 

@@ -45,6 +45,8 @@ from sync_pipelines.engine.wire.pgoutput import format_lsn, parse_lsn
 
 from .support.pipelines import assert_tables_equal, execute, make_spec, rows, sync_until_idle
 
+pytestmark = pytest.mark.pg_versions
+
 
 def slot_lsn(source_dsn: str) -> int | None:
     found = rows(source_dsn, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots "

@@ -20,10 +20,13 @@ import sys
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from sync_pipelines.engine.pipeline import pull_pipeline
 
 from .support.pipelines import execute, make_spec, rows
+
+pytestmark = pytest.mark.pg_versions
 
 ROWS = 200_000
 BATCH = 5_000

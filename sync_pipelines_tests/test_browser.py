@@ -122,6 +122,9 @@ def test_failing_checks_show_and_turn_green_after_a_redrive_from_the_launchpad(t
                 post(f"{crm}/_admin/faults", {})
                 open_page(page, f"{base}/locations/sync_pipelines/jobs/crm_dead_letters_job/"
                                 "playground")
+                # The editor mounts after the page's queries settle; on a loaded machine that
+                # is after "networkidle" (a CI run found it not there yet).
+                page.wait_for_selector(".CodeMirror", timeout=60_000)
                 page.evaluate("""config => document.querySelector('.CodeMirror')
                                  .CodeMirror.setValue(config)""",
                               "ops:\n  crm_dead_letters:\n    config:\n      target: crm_api\n"

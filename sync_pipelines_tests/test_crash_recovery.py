@@ -41,6 +41,8 @@ from .support.versioned import (
     version_log,
 )
 
+pytestmark = pytest.mark.pg_versions
+
 POLICY = {"batch_size": 50, "demand_budget": 300}
 
 

@@ -23,6 +23,8 @@ from sync_pipelines.engine.runtime.embedded import (
 )
 from sync_pipelines_tests.fixtures.pg import PgServer, drop_database, server_tmp_dir
 
+pytestmark = pytest.mark.pg_versions
+
 
 def _scalar(dsn: str, query: str, params: tuple[object, ...] = ()) -> object:
     with psycopg.connect(dsn, autocommit=True) as conn:

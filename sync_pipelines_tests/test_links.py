@@ -34,6 +34,8 @@ from .support.links import (
 )
 from .support.pipelines import execute, rows
 
+pytestmark = pytest.mark.pg_versions
+
 N = 10_000
 
 

@@ -29,6 +29,8 @@ from sync_pipelines.engine.wire.pgoutput import Column, Relation
 
 from .support.pipelines import execute, make_spec, rows, sync_until_idle
 
+pytestmark = pytest.mark.pg_versions
+
 INT4, INT8, TEXT, BOOL, NUMERIC, DATE, TSTZ, JSONB = 23, 20, 25, 16, 1700, 1082, 1184, 3802
 
 CUSTOMERS = Relation(16400, "public", "customers", "d", (

@@ -16,6 +16,7 @@ import threading
 from typing import Any
 
 import psycopg
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +27,8 @@ from sync_pipelines.engine.wire.change import Position
 
 from .support.pipelines import assert_tables_equal, make_spec, rows, sync_until_idle
 from .support.versioned import assert_versions_increase, create_versioned_tables
+
+pytestmark = pytest.mark.pg_versions
 
 KEYS, UPDATES_PER_KEY = 10, 300
 

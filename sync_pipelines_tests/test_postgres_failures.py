@@ -21,6 +21,8 @@ from sync_pipelines.engine.errors import TransientDeliveryError
 
 from .support.pipelines import assert_tables_equal, execute, make_spec, rows
 
+pytestmark = pytest.mark.pg_versions
+
 
 @pytest.fixture
 def spec(monkeypatch, source_dsn, target_dsn, state_dsn):

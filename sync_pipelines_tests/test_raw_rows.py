@@ -29,6 +29,8 @@ from sync_pipelines.engine.wire.pgoutput import encode_tuple, encode_update
 from .support.pipelines import execute, make_spec, rows
 from .test_mapping import CUSTOMERS, POS, ROW, mapper
 
+pytestmark = pytest.mark.pg_versions
+
 HOSTILE = ["7", "tab\there", "new\nline\r\n", "back\\slash\\N", "\\N", "", None,
            "naïve — 東京 🚀", '{"a": "b\\tc"}', "x" * 70_000]
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+import pytest
 
 from sync_pipelines.engine.pipeline import pull_pipeline, reconcile
 
@@ -27,6 +28,8 @@ from .support.pipelines import (
     sync_until_idle,
 )
 from .test_reconcile_http import delete, fill, http_spec, make_source, put
+
+pytestmark = pytest.mark.pg_versions
 
 TABLE = "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, note text)"
 

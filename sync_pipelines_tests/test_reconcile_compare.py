@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 import psycopg
+import pytest
 
 from sync_pipelines.engine.pipeline import pull_pipeline
 from sync_pipelines.engine.reconcile.drift import TableDrift
@@ -32,6 +33,8 @@ from sync_pipelines.engine.reconcile.postgres import compare_postgres, recheck_p
 from sync_pipelines.engine.spec import SyncSpec, parse_spec
 
 from .support.pipelines import execute, make_spec, sync_until_idle
+
+pytestmark = pytest.mark.pg_versions
 
 REPO = Path(__file__).resolve().parents[1]
 

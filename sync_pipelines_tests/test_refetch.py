@@ -29,6 +29,8 @@ from sync_pipelines.engine.spec import parse_spec
 from .support.pipelines import assert_tables_equal, execute, make_spec, rows, sync_until_idle
 from .test_backfill import Hook
 
+pytestmark = pytest.mark.pg_versions
+
 # A value stored out of line and uncompressed, whatever its content (pgoutput sends it as
 # "unchanged" when an UPDATE leaves it alone).
 DOCS = ("CREATE TABLE docs (id int PRIMARY KEY, v int NOT NULL, body text)",

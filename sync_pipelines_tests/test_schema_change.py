@@ -10,9 +10,13 @@ logical replication, not exercised here).
 
 from __future__ import annotations
 
+import pytest
+
 from sync_pipelines.engine.pipeline import deliver_pipeline, pull_pipeline
 
 from .support.pipelines import assert_tables_equal, execute, make_spec, rows, sync_until_idle
+
+pytestmark = pytest.mark.pg_versions
 
 
 def columns(dsn: str, table: str) -> list[str]:

@@ -10,6 +10,8 @@ from sync_pipelines.engine.pipeline import deliver_pipeline, pull_pipeline
 
 from .support.pipelines import assert_tables_equal, execute, make_spec, rows, sync_until_idle
 
+pytestmark = pytest.mark.pg_versions
+
 CUSTOMERS = """
 CREATE TABLE customers (
     id bigint PRIMARY KEY, name text NOT NULL, email varchar(200), active boolean,

@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 
 from ..errors import SourceError, SpecError, Transient
+from ..http_reads import read_client
 from ..spec import HttpPollSourceSpec, PipelineSpec
 from ..staging.poll import PollState
 from ..staging.store import BatchInfo, StateStore
@@ -75,8 +76,8 @@ def _client(pipeline: PipelineSpec, source: HttpPollSourceSpec) -> httpx.Client:
             raise SpecError(f"pipeline {pipeline.name!r}: source: environment variable "
                             f"{source.auth.bearer_token_env} is not set")
         headers["Authorization"] = f"Bearer {token}"
-    return httpx.Client(base_url=base.rstrip("/"), headers=headers,
-                        timeout=source.timeout_seconds)
+    return read_client(base_url=base.rstrip("/"), headers=headers,
+                       timeout=source.timeout_seconds)
 
 
 def _get(client: httpx.Client, where: str, path: str, params: dict[str, Any]) -> Any:

@@ -22,6 +22,7 @@ import httpx
 
 from ..delivery.sinks.http_client import ReadEndpoint
 from ..errors import SpecError, TerminalDeliveryError, TransientDeliveryError
+from ..http_reads import read_client
 from ..spec import DsnRef, HttpAuthSpec
 from ..spec.links import LinkRole
 
@@ -39,9 +40,9 @@ class ApiReader:
         headers, basic = auth.credentials(self.what)
         base_url = DsnRef(dsn_env=api.base_url_env).resolve(f"{self.what} base URL")
         try:
-            self.client = httpx.Client(base_url=base_url, headers=headers, auth=basic,
-                                       timeout=api.timeout_seconds,
-                                       limits=httpx.Limits(max_connections=api.concurrency))
+            self.client = read_client(base_url=base_url, headers=headers, auth=basic,
+                                      timeout=api.timeout_seconds,
+                                      limits=httpx.Limits(max_connections=api.concurrency))
         except (ValueError, httpx.InvalidURL):
             raise SpecError(f"{self.what}: the base URL in ${api.base_url_env} is not a "
                             "usable http(s) URL") from None

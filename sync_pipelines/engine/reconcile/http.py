@@ -85,6 +85,7 @@ from psycopg.rows import tuple_row
 from ..capture.source import describe_relation
 from ..delivery.sinks.http_client import ERROR_BODY_CHARS, USER_AGENT, Endpoint, encode_body
 from ..errors import SpecError, TerminalDeliveryError, TransientDeliveryError
+from ..http_reads import read_client
 from ..mapping.mapper import TableMapper
 from ..spec import HttpTargetSpec, PipelineSpec, qualify
 from ..wire import pgtypes
@@ -265,8 +266,8 @@ def _open_client(pipeline: PipelineSpec, target: str, tspec: HttpTargetSpec) -> 
     try:
         if httpx.URL(base_url).scheme not in ("http", "https") or not httpx.URL(base_url).host:
             raise ValueError("not an http(s) URL with a host")
-        return httpx.Client(base_url=base_url, headers=headers, auth=auth,
-                            timeout=tspec.timeout_seconds, follow_redirects=False)
+        return read_client(base_url=base_url, headers=headers, auth=auth,
+                           timeout=tspec.timeout_seconds, follow_redirects=False)
     except (httpx.InvalidURL, ValueError, TypeError):  # never echo the URL: it may hold a secret
         raise SpecError(f"{what} (base URL from ${tspec.base_url_env}): not a usable base URL; "
                         "expected http(s)://host[:port][/path]") from None
