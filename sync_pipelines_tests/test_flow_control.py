@@ -397,3 +397,49 @@ def test_a_following_tick_stages_changes_as_they_come_while_a_run_delivers(
     assert alone.changes == 1 and alone.duration_s < 5 * FOLLOW_S
     deliver_pipeline(spec, "crm")
     assert_tables_equal(source_dsn, target_dsn, "items")
+
+
+def test_a_peek_asks_for_the_rows_its_pull_will_take(monkeypatch, source_dsn, target_dsn,
+                                                     state_dsn):
+    """The server materialises a whole peek before its first row: a pull asks for about the
+    rows its demand needs at the slot's measured rows per change (the worst case, three,
+    until it has measured), and a workload whose transactions shrink still drains whole."""
+    from sync_pipelines.engine.capture.source import Source
+
+    asked: list[int] = []
+    peek = Source.peek
+
+    def recorded(self, upto_nchanges, fetch_chunk):
+        asked.append(upto_nchanges)
+        return peek(self, upto_nchanges, fetch_chunk)
+
+    monkeypatch.setattr(Source, "peek", recorded)
+    budget = 1000
+    spec = setup(monkeypatch, source_dsn, target_dsn, state_dsn, budget=budget, batch=250)
+    asked.clear()
+    slack = len(spec.pipelines["crm"].tables) + 8
+    # Transactions of 200 changes: about one row per change.
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        for lo in range(10_000, 14_000, 200):
+            conn.execute("INSERT INTO items SELECT g, 0, 'n' FROM generate_series(%s, %s) g",
+                         (lo, lo + 199))
+    reports = []
+    while (report := pull_pipeline(spec, "crm")).changes or undelivered(state_dsn):
+        reports.append(report)
+        deliver_pipeline(spec, "crm")
+    assert sum(r.changes for r in reports) == 4000
+    assert asked[0] == 3 * budget + slack  # nothing measured yet: the worst case
+    assert all(upto <= 1.3 * budget + slack for upto in asked[1:]), asked
+    # One-change transactions now, three rows each: the first pull asks for too few rows,
+    # says there is more, and the next ones ask for enough.
+    asked.clear()
+    total = 4000 + small_transactions(source_dsn, 1500)
+    more = []
+    while (report := pull_pipeline(spec, "crm")).changes or undelivered(state_dsn):
+        reports.append(report)
+        more.append(report.more)
+        deliver_pipeline(spec, "crm")
+    assert more[0] and reports[-len(more)].changes < budget, (more, asked)
+    assert max(asked[1:]) > 2 * budget  # the estimate caught up
+    assert sum(r.changes for r in reports) == total
+    assert_tables_equal(source_dsn, target_dsn, "items")

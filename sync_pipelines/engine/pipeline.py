@@ -104,9 +104,11 @@ def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS,
         report = last = pull(source, state, pipeline, faults=faults)
         while keep_pulling_s and monotonic() - started < keep_pulling_s:
             backlog = last.stopped_by_demand or last.waiting_for_room
-            if not (backlog or follow) or not (keep_pulling is None or keep_pulling()):
+            if not (backlog or last.more or follow) or not (
+                    keep_pulling is None or keep_pulling()):
                 break
-            sleep(PULL_AGAIN_S if backlog else FOLLOW_S)
+            if not last.more:  # more in the slot than the last peek asked for: at once
+                sleep(PULL_AGAIN_S if backlog else FOLLOW_S)
             last = pull(source, state, pipeline, faults=faults)
             report = _merged(report, last, monotonic() - started)
         return dataclasses.replace(report, refetch=refetched)

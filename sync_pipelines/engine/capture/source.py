@@ -9,7 +9,8 @@ the slot, so a crash before the advance loses nothing: the next peek returns the
 Contract: :meth:`Source.prepare` checks the server and the spec's tables and creates the
 publication and slot if missing (idempotent), raising :class:`SourceConfigError` or
 :class:`SlotConflictError` with the fix in the message. Nothing here writes to the source
-besides the publication, the slot and the slot's position.
+besides the publication, the slot and the slot's position, heartbeat messages and records of
+the running transactions (see :meth:`Source.log_snapshot`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ class Source:
         # text a target parses never depends on a server's or a role's defaults.
         self.conn.execute(TEXT_FORMAT_SETTINGS)
         self._primary_keys: dict[int, frozenset[str]] = {}
+        info = self.conn.info
+        self.slot_key = f"{info.host}:{info.port}/{info.dbname}/{pipeline.slot}"
+        """Names the slot across pulls of this process (no credentials in it)."""
+        self._may_log_snapshot: bool | None = None  # asked at the first log_snapshot()
 
     def close(self) -> None:
         self.conn.close()
@@ -312,6 +317,28 @@ class Source:
             ) from None
         return parse_lsn(row[0]) if row and row[0] else lsn
 
+
+
+    def log_snapshot(self) -> bool:
+        """Write a record of the running transactions into the WAL now (PostgreSQL 16's
+        ``pg_log_standby_snapshot()``), so the slot's next advance can move its restart point
+        up to here; False where the server has no such function, is a standby, or the user
+        may not call it (superusers may; ``GRANT EXECUTE ON FUNCTION
+        pg_log_standby_snapshot() TO <user>`` lets another). Asked first, so a refusal is
+        never an error in the source's log."""
+        if self._may_log_snapshot is None:
+            self._may_log_snapshot = bool(self._one(
+                "SELECT coalesce(has_function_privilege(to_regprocedure("
+                "'pg_log_standby_snapshot()'), 'EXECUTE'), false) AND NOT pg_is_in_recovery()"))
+        if not self._may_log_snapshot:
+            return False
+        try:
+            self.conn.execute("SELECT pg_log_standby_snapshot()")
+        except (psycopg.errors.InsufficientPrivilege,
+                psycopg.errors.ObjectNotInPrerequisiteState):
+            self._may_log_snapshot = False
+            return False
+        return True
 
 
 def connect_text(dsn: str, what: str, application: str) -> psycopg.Connection[Any]:
