@@ -421,8 +421,8 @@ def test_a_peek_asks_for_the_rows_its_pull_will_take(monkeypatch, source_dsn, ta
     # Transactions of 200 changes: about one row per change.
     with psycopg.connect(source_dsn, autocommit=True) as conn:
         for lo in range(10_000, 14_000, 200):
-            conn.execute("INSERT INTO items SELECT g, 0, 'n' FROM generate_series(%s, %s) g",
-                         (lo, lo + 199))
+            conn.execute("INSERT INTO items SELECT g, 0, 'n' "
+                         "FROM generate_series(%s::int, %s::int) g", (lo, lo + 199))
     reports = []
     while (report := pull_pipeline(spec, "crm")).changes or undelivered(state_dsn):
         reports.append(report)
