@@ -52,7 +52,7 @@ from ..staging.snapshots import SnapshotStore, key_positions, parse_watermark
 from ..staging.store import BatchInfo, Position, StagedChange, StateStore
 from ..wire import pgoutput as po
 from ..wire.pgoutput import format_lsn
-from .source import HEARTBEAT_PREFIX, Source, with_primary_key
+from .source import HEARTBEAT_PREFIX, SlotInfo, Source, with_primary_key
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,22 @@ case."""
 
 
 RESTART_LAG_BYTES = 1 << 20
-"""WAL between the slot's restart point and where a pull advanced it past which the pull
-writes a record of the running transactions (see :meth:`.source.Source.log_snapshot`).
+"""WAL the slot may hold back (from its restart point) before a pull writes a record of the
+running transactions (see :func:`_mark_restart`).
 Measured at 1,000 changes/s with a pull every 0.5 s for 30 s (PostgreSQL 18): the restart
 point trailed the confirmed position by 3.2 MB and the source backend used 0.62 s of CPU;
 with a record after each pull, 0.11 MB and 0.34 s."""
+
+
+def _mark_restart(source: Source, slot: SlotInfo) -> None:
+    """Each peek and each advance decode from the slot's restart point, which moves only past
+    a record of the running transactions; the server writes one every 15 s of activity, so a
+    pull every half second re-decoded up to 30 s of WAL, and a backlog staged while delivery
+    lagged was re-decoded by every pull that drained it. A record written now, while the
+    slot holds more than :data:`RESTART_LAG_BYTES`, lets the advance that passes it move the
+    restart point here (see :meth:`.source.Source.log_snapshot`)."""
+    if slot.lag_bytes > RESTART_LAG_BYTES:
+        source.log_snapshot()
 
 
 def peek_rows(slot_key: str, pipeline: PipelineSpec, demand: int) -> int:
@@ -325,6 +336,7 @@ def pull(
         budget = pipeline.policy.demand_budget
         demand = budget - undelivered
         if demand <= 0:
+            _mark_restart(source, slot)
             return PullReport(
                 pipeline.name, 0, undelivered, slot_lag_bytes=slot.lag_bytes,
                 skipped=f"demand is zero: {undelivered} changes staged and not yet delivered "
@@ -338,6 +350,7 @@ def pull(
             # delivery still holds over half the budget, wait for room and pull it in one go
             # (measured on the standard benchmark, refills of a tenth of the budget made the
             # pulls' peeks grow to most of the puller's time).
+            _mark_restart(source, slot)
             return PullReport(
                 pipeline.name, demand, undelivered, slot_lag_bytes=slot.lag_bytes,
                 skipped=f"demand is under half the budget: {undelivered} changes staged and "
@@ -376,12 +389,7 @@ def pull(
             state.record_advance(pipeline.name, target)
             advanced = source.advance(target)
             state.record_advance(pipeline.name, advanced)
-        if advanced is not None and advanced - slot.restart_lsn > RESTART_LAG_BYTES:
-            # Each peek decodes from the slot's restart point, which moves only past a record
-            # of the running transactions; the server writes one every 15 s of activity, so a
-            # pull every half second re-decoded up to 30 s of WAL. One written now lets the
-            # next advance move the restart point here.
-            source.log_snapshot()
+        _mark_restart(source, slot)
         if puller.heartbeat_at is not None:  # its transaction was taken whole: the slot is past
             state.record_heartbeat(pipeline.name, passed=puller.heartbeat_at)
         faults.hit("after_advance")

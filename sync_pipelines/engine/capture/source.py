@@ -16,6 +16,7 @@ the running transactions (see :meth:`Source.log_snapshot`).
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from ..errors import SlotConflictError, SlotLostError, SourceConfigError, Source
 from ..spec import PipelineSpec
 from ..wire.pgoutput import Column, Relation, format_lsn, parse_lsn
 from ..wire.pgtypes import TEXT_FORMAT_SETTINGS
+
+SNAPSHOT_EVERY_S = 1.0
+"""At most this often a :class:`Source` writes a record of the running transactions."""
 
 HEARTBEAT_PREFIX = "sync_pipelines.heartbeat"
 """Prefix of the heartbeat messages a pull writes into the source's WAL."""
@@ -79,6 +83,7 @@ class Source:
         self.slot_key = f"{info.host}:{info.port}/{info.dbname}/{pipeline.slot}"
         """Names the slot across pulls of this process (no credentials in it)."""
         self._may_log_snapshot: bool | None = None  # asked at the first log_snapshot()
+        self._snapshot_at = float("-inf")
 
     def close(self) -> None:
         self.conn.close()
@@ -326,6 +331,9 @@ class Source:
         may not call it (superusers may; ``GRANT EXECUTE ON FUNCTION
         pg_log_standby_snapshot() TO <user>`` lets another). Asked first, so a refusal is
         never an error in the source's log."""
+        now = time.monotonic()
+        if now - self._snapshot_at < SNAPSHOT_EVERY_S:
+            return True  # one a second is plenty: the record only marks a place in the WAL
         if self._may_log_snapshot is None:
             self._may_log_snapshot = bool(self._one(
                 "SELECT coalesce(has_function_privilege(to_regprocedure("
@@ -338,6 +346,7 @@ class Source:
                 psycopg.errors.ObjectNotInPrerequisiteState):
             self._may_log_snapshot = False
             return False
+        self._snapshot_at = now
         return True
 
 
