@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "sync_pipelines"
 ENGINE = ROOT / "engine"
-BASE = {"errors", "faults", "spec"}
+BASE = {"errors", "faults", "spec", "http_reads"}  # http_reads: the readers' httpx client
 
 # stage → stages it may import (besides itself and the base modules). One comment per rule.
 ALLOWED: dict[str, set[str]] = {
