@@ -322,32 +322,29 @@ class Source:
             ) from None
         return parse_lsn(row[0]) if row and row[0] else lsn
 
-
-
-    def log_snapshot(self) -> bool:
+    def log_snapshot(self) -> None:
         """Write a record of the running transactions into the WAL now (PostgreSQL 16's
         ``pg_log_standby_snapshot()``), so the slot's next advance can move its restart point
-        up to here; False where the server has no such function, is a standby, or the user
+        up to here; nothing where the server has no such function, is a standby, or the user
         may not call it (superusers may; ``GRANT EXECUTE ON FUNCTION
         pg_log_standby_snapshot() TO <user>`` lets another). Asked first, so a refusal is
         never an error in the source's log."""
         now = time.monotonic()
         if now - self._snapshot_at < SNAPSHOT_EVERY_S:
-            return True  # one a second is plenty: the record only marks a place in the WAL
+            return  # one a second is plenty: the record only marks a place in the WAL
         if self._may_log_snapshot is None:
             self._may_log_snapshot = bool(self._one(
                 "SELECT coalesce(has_function_privilege(to_regprocedure("
                 "'pg_log_standby_snapshot()'), 'EXECUTE'), false) AND NOT pg_is_in_recovery()"))
         if not self._may_log_snapshot:
-            return False
+            return
         try:
             self.conn.execute("SELECT pg_log_standby_snapshot()")
         except (psycopg.errors.InsufficientPrivilege,
                 psycopg.errors.ObjectNotInPrerequisiteState):
             self._may_log_snapshot = False
-            return False
+            return
         self._snapshot_at = now
-        return True
 
 
 def connect_text(dsn: str, what: str, application: str) -> psycopg.Connection[Any]:
