@@ -130,13 +130,15 @@ def test_failing_checks_show_and_turn_green_after_a_redrive_from_the_launchpad(t
                               "ops:\n  crm_dead_letters:\n    config:\n      target: crm_api\n"
                               "      action: redrive\n")
                 page.get_by_role("button", name=re.compile("Launch run", re.I)).click()
-                eventually("the redrive", lambda: count(state, dead) == 0)
+                # The daemon launches queued runs one after another (each a process start):
+                # on a loaded machine, a CI run saw one pass launch 7 runs in 65 s.
+                eventually("the redrive", lambda: count(state, dead) == 0, timeout_s=300)
                 # The sweep delivers what was redriven (its schedule would, within 2 minutes).
                 open_page(page, f"{base}/locations/sync_pipelines/jobs/crm_retry_sweep_job/"
                                 "playground")
                 page.get_by_role("button", name=re.compile("Launch run", re.I)).click()
                 held = "SELECT count(*) FROM sync_state.held WHERE target = 'crm_api'"
-                eventually("the sweep", lambda: count(state, held) == 0)
+                eventually("the sweep", lambda: count(state, held) == 0, timeout_s=300)
                 # Re-evaluate on demand, from the Checks tab.
                 open_page(page, base + DEAD_LETTERS)
                 page.get_by_role("button", name="Execute all").click()

@@ -17,13 +17,15 @@ import struct
 from contextlib import closing
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sync_pipelines.engine import deliver_pipeline, pull_pipeline, target_health
 from sync_pipelines.engine.delivery.sinks.registry import open_sink
 from sync_pipelines.engine.mapping.mapper import Mapper, Upsert
 from sync_pipelines.engine.staging.store import StateStore
 from sync_pipelines.engine.wire.change import START, Position, decode_change
-from sync_pipelines.engine.wire.copyrow import RawRow
+from sync_pipelines.engine.wire.copyrow import RawRow, copy_row
 from sync_pipelines.engine.wire.pgoutput import encode_tuple, encode_update
 
 from .support.pipelines import execute, make_spec, rows
@@ -95,6 +97,63 @@ def test_changes_raw_rows_cannot_carry_are_decoded():
     assert m.map_raw(tm, "I", POS, head + tuple_data(b"t\xff", *fields[1:])) is None  # key
     assert m.map_raw(tm, "I", POS, head + tuple_data(*fields[:-1], b"t\xff")) is not None, \
         "only key values are decoded; the target checks the rest's encoding"
+
+
+# -- hostile tuples: copy_row answers as the decoder does, or declines -----------------------
+
+_FIELD = st.one_of(
+    st.builds(lambda v: b"t" + v.encode(), st.text(max_size=12)),  # a text value
+    st.just(b"n"), st.just(b"u"),  # NULL, unchanged TOAST
+    st.builds(lambda v: b"b" + v, st.binary(max_size=4)),  # binary
+    st.just(b"t\xff\xfe"),  # a value that is not UTF-8
+)
+
+
+@st.composite
+def _messages(draw: st.DrawFn, ncols: int) -> bytes:
+    head = b"I" + struct.pack("!i", 1) + b"N"
+    n = draw(st.sampled_from([ncols, ncols, ncols, ncols - 1, ncols + 1, 0]))
+    fields = draw(st.lists(st.one_of(st.builds(lambda v: b"t" + v.encode(), st.text(max_size=12)),
+                                     st.just(b"n")) if draw(st.booleans()) else _FIELD,
+                           min_size=max(n, 0), max_size=max(n, 0)))
+    message = head + tuple_data(*fields)
+    cut = draw(st.sampled_from(["whole"] * 6 + ["truncated", "trailing", "negative", "head"]))
+    if cut == "truncated":
+        message = message[:draw(st.integers(0, max(len(message) - 1, 0)))]
+    elif cut == "trailing":
+        message += draw(st.binary(min_size=1, max_size=3))
+    elif cut == "negative" and b"t" in message[8:]:
+        at = message.index(b"t", 8)
+        message = message[:at + 1] + struct.pack("!i", -3) + message[at + 5:]
+    elif cut == "head":
+        message = message[:draw(st.integers(0, 7))]
+    return message
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), ncols=st.integers(1, 5))
+def test_copy_row_takes_a_well_formed_tuple_and_declines_anything_else(data, ncols):
+    """Hostile and malformed messages (short, long, truncated, trailing bytes, a negative
+    length, TOAST, binary, a key not UTF-8) never raise from inside: copy_row declines them
+    (None) and the change is decoded the ordinary way, which says what is wrong."""
+    message = data.draw(_messages(ncols))
+    picks = data.draw(st.one_of(st.none(), st.lists(st.integers(0, ncols - 1), unique=True,
+                                                    min_size=1).map(sorted)))
+    key_idx = data.draw(st.lists(st.integers(0, ncols - 1), min_size=1, max_size=2,
+                                 unique=True))
+    got = copy_row(message, 6, picks, key_idx)
+    try:
+        values = decode_change(1, 0, 1, 1, "I", message).new_values
+    except Exception:  # noqa: BLE001 (any refusal of the decoder: copy_row must refuse too)
+        values = None
+    if got is None:
+        return
+    assert values is not None, "copy_row took a message the decoder refuses"
+    key, row = got
+    assert key == tuple(values[k] for k in key_idx)
+    wanted = values if picks is None else [values[j] for j in picks]
+    assert RawRow(tuple(map(str, range(len(wanted)))), row).as_dict() == {
+        str(i): v for i, v in enumerate(wanted)}
 
 
 @pytest.fixture

