@@ -4,7 +4,8 @@ Unit: for every mapping of renames and column selection, :meth:`Mapper.map_raw` 
 key and row as decoding and mapping value by value, for hostile values (tabs, newlines,
 backslashes, ``\\N`` as text, NULL, empty, multi-byte); it declines (None: the change is
 decoded instead) for casts, derived fields, filters, old tuples, unchanged TOAST values and
-malformed messages. End to end (real PostgreSQL): such rows reach a target of many types equal
+malformed messages, and for generated hostile tuples it never raises and never takes one the
+decoder refuses. End to end (real PostgreSQL): such rows reach a target of many types equal
 to the source; a value too long for the target's varchar(n) is refused and dead-lettered as
 COPY refuses it, never cut short, and char(n) and bit(n) keep their lengths (the cast names
 the type, not the SQL spelling that means length 1); a domain column goes through the decoded

@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 # numpy and pandas are imported where a comparison runs, not with the module: every Dagster
-# run process imports the engine, and they are 0.3 s of a delivery run's start-up.
+# run process imports the engine, and they are about half a second of its start-up.
 
 SUB_ROWS = 32
 """Keys per hash sub-bucket of a range (range-hash): a drifted key costs fetching about this
