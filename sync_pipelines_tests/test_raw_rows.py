@@ -5,11 +5,11 @@ key and row as decoding and mapping value by value, for hostile values (tabs, ne
 backslashes, ``\\N`` as text, NULL, empty, multi-byte); it declines (None: the change is
 decoded instead) for casts, derived fields, filters, old tuples, unchanged TOAST values and
 malformed messages, and for generated hostile tuples it never raises and never takes one the
-decoder refuses. End to end (real PostgreSQL): such rows reach a target of many types equal
-to the source; a value too long for the target's varchar(n) is refused and dead-lettered as
-COPY refuses it, never cut short, and char(n) and bit(n) keep their lengths (the cast names
-the type, not the SQL spelling that means length 1); a domain column goes through the decoded
-path and keeps its check.
+decoder refuses (but for a non-key value's encoding, which the target checks). End to end (real
+PostgreSQL): such rows reach a target of many types equal to the source; a value too long for
+the target's varchar(n) is refused and dead-lettered as COPY refuses it, never cut short, and
+char(n) and bit(n) keep their lengths (the cast names the type, not the SQL spelling that means
+length 1); a domain column goes through the decoded path and keeps its check.
 """
 
 from __future__ import annotations
@@ -144,18 +144,21 @@ def test_copy_row_takes_a_well_formed_tuple_and_declines_anything_else(data, nco
     key_idx = data.draw(st.lists(st.integers(0, ncols - 1), min_size=1, max_size=2,
                                  unique=True))
     got = copy_row(message, 6, picks, key_idx)
-    try:
-        values = decode_change(1, 0, 1, 1, "I", message).new_values
-    except Exception:  # noqa: BLE001 (any refusal of the decoder: copy_row must refuse too)
-        values = None
     if got is None:
         return
+    # Only key values are decoded (the target checks the encoding of the rest, see above):
+    # the decoder's answer is taken with the one non-UTF-8 value made valid, on both sides.
+    clean = message.replace(b"\xff\xfe", b"??")
+    try:
+        values = decode_change(1, 0, 1, 1, "I", clean).new_values
+    except Exception:  # noqa: BLE001 (any refusal of the decoder: copy_row must refuse too)
+        values = None
     assert values is not None, "copy_row took a message the decoder refuses"
     key, row = got
     assert key == tuple(values[k] for k in key_idx)
     wanted = values if picks is None else [values[j] for j in picks]
-    assert RawRow(tuple(map(str, range(len(wanted)))), row).as_dict() == {
-        str(i): v for i, v in enumerate(wanted)}
+    assert RawRow(tuple(map(str, range(len(wanted)))), row.replace(b"\xff\xfe", b"??")
+                  ).as_dict() == {str(i): v for i, v in enumerate(wanted)}
 
 
 @pytest.fixture
