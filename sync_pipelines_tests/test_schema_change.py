@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from sync_pipelines.engine.pipeline import deliver_pipeline, pull_pipeline
+from sync_pipelines.engine.staging.store import START, StateStore
 
 from .support.pipelines import assert_tables_equal, execute, make_spec, rows, sync_until_idle
 
@@ -44,7 +45,10 @@ def test_add_column_mid_stream_in_one_pull(monkeypatch, source_dsn, target_dsn, 
     assert report.changes == 50 + 50 + 20 + 2
     assert len(report.batches) == 1  # the relation changed inside one peek and one batch
     # Two relation versions are recorded, and the staged changes use both.
-    assert rows(state_dsn, "SELECT count(DISTINCT relation_id) FROM sync_state.change") == [(2,)]
+    with StateStore.connect(state_dsn) as state:
+        staged = state.read_staged("crm", START, report.batches[-1].last)
+    assert len(staged) == report.changes
+    assert len({relation_id for _, _, _, relation_id, _, _ in staged}) == 2
     delivered = deliver_pipeline(spec, "crm")[0]
     assert delivered.changes == report.changes
     assert columns(target_dsn, "items") == ["id", "name", "score", "tags"]

@@ -24,8 +24,9 @@ Invariants:
   it. Otherwise the pull stops where the budget runs out, possibly mid-transaction: what is
   staged stays staged, the slot stays before that transaction, and a later pull re-peeks it
   and carries on after the staged position.
-* **Bounded memory.** Fewer than ``2 × batch_size`` changes are held at once, however large
-  the transaction: a transaction is staged in ``batch_size`` chunks as it is read.
+* **Bounded memory.** Fewer than ``2 × batch_size`` changes, and under ``2 ×``
+  :data:`BATCH_BYTES_MAX` of messages plus one message, are held at once, however large the
+  transaction: a transaction is staged in chunks of either size as it is read.
 
 Snapshot rows (initial backfill, repair, refetch) enter here too: at a snapshot chunk's high
 watermark the puller stages the chunk's rows, minus the keys changed between its two
@@ -106,6 +107,13 @@ fewer changes than its demand and the next one goes on; a fresh process starts a
 case."""
 
 
+BATCH_BYTES_MAX = 64 << 20
+"""A batch is staged once its messages reach this size, even with fewer than ``batch_size``
+changes: a batch is one ``bytea`` value in the state DB (at most 1 GB), and it is held in
+memory while it is staged and while it is delivered. 10,000 changes of the standard
+benchmark's table are 1.5 MB."""
+
+
 RESTART_LAG_BYTES = 1 << 20
 """WAL the slot may hold back (from its restart point) before a pull writes a record of the
 running transactions (see :func:`_mark_restart`).
@@ -160,6 +168,7 @@ class _Puller:
     :func:`.source.with_primary_key`)."""
     relations: dict[int, int] = field(default_factory=dict)  # source oid → relation version
     buffer: list[StagedChange] = field(default_factory=list)
+    buffer_bytes: int = 0  # of the messages in `buffer`
     batches: list[BatchInfo] = field(default_factory=list)
     taken: int = 0  # changes staged or buffered by this pull
     change_rows: int = 0  # row changes read (taken or not): sizes the next peek
@@ -169,6 +178,7 @@ class _Puller:
     seq: int = 0
     taken_at_begin: int = 0
     txn_start: int = 0  # index in `buffer` where the current transaction's changes start
+    txn_start_bytes: int = 0  # `buffer_bytes` before them
     giant: bool = False
     stopped: bool = False
     heartbeat_in_txn: bool = False
@@ -190,6 +200,7 @@ class _Puller:
             self.echo = False
             self.taken_at_begin = self.taken
             self.txn_start = len(self.buffer)
+            self.txn_start_bytes = self.buffer_bytes
         elif isinstance(msg, po.Commit):
             self.transactions += 1
             self.last_commit_end = msg.end_lsn
@@ -198,7 +209,8 @@ class _Puller:
                 self.heartbeat_in_txn = False
             self.begin = None
             self.giant = False
-            if len(self.buffer) >= self.pipeline.policy.batch_size:
+            if len(self.buffer) >= self.pipeline.policy.batch_size \
+                    or self.buffer_bytes >= BATCH_BYTES_MAX:
                 self.flush()
         elif isinstance(msg, po.Relation):
             if msg.qualified_name in self.pipeline.tables:
@@ -287,21 +299,26 @@ class _Puller:
         self.buffer.append(StagedChange(
             begin.final_lsn, seq, begin.xid, begin.commit_ts, rid, op, data))
         self.taken += 1
-        batch_size = self.pipeline.policy.batch_size
-        if len(self.buffer) - self.txn_start >= batch_size:
+        self.buffer_bytes += len(data)
+        if len(self.buffer) - self.txn_start >= self.pipeline.policy.batch_size \
+                or self.buffer_bytes - self.txn_start_bytes >= BATCH_BYTES_MAX:
             # The current transaction alone fills a batch: stage the whole transactions
             # before it as their own batch, then this chunk of it.
             if self.txn_start:
-                self.flush(upto=self.txn_start)
+                self.flush(before_txn=True)
             self.flush()
 
-    def flush(self, upto: int | None = None) -> None:
-        part = self.buffer if upto is None else self.buffer[:upto]
+    def flush(self, *, before_txn: bool = False) -> None:
+        """Stage the buffer as a batch; ``before_txn``: only the whole transactions before the
+        current one."""
+        upto = self.txn_start if before_txn else len(self.buffer)
+        part = self.buffer[:upto]
         if part:
             self.batches.append(self.state.stage_batch(self.pipeline.name, part))
             self.staged = part[-1].position
-            self.buffer = [] if upto is None else self.buffer[upto:]
-            self.txn_start = 0
+            self.buffer = self.buffer[upto:]
+            self.buffer_bytes -= self.txn_start_bytes if before_txn else self.buffer_bytes
+            self.txn_start = self.txn_start_bytes = 0
             self.faults.hit("after_stage_batch")
 
 

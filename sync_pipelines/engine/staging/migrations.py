@@ -274,4 +274,30 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX link_echo_expiry ON {schema}.link_echo (link, expires_at);
     """,
+    # 10: the mailbox packed per batch (staging/mailbox.py, format version 1) instead of a row
+    # per change. Changes staged as rows by an older version are packed here, in SQL, into
+    # the same format: a version byte, the count, then per change its header fields
+    # big-endian (int8send, int4send) and its message. Changes already collected from a partly
+    # delivered batch are simply not there (and no longer counted); the others keep their
+    # positions.
+    """
+    ALTER TABLE {schema}.batch ADD COLUMN changes bytea;
+    ALTER TABLE {schema}.batch ALTER COLUMN changes SET STORAGE EXTERNAL;
+    UPDATE {schema}.batch b SET changes = '\\x01'::bytea || int4send(p.n) || p.packed,
+        n_changes = p.n
+    FROM {schema}.batch b2 CROSS JOIN LATERAL (
+        SELECT count(*)::int4 AS n, coalesce(string_agg(
+            int8send(c.commit_lsn - b2.first_lsn) || int4send(c.seq) || int8send(c.xid)
+            || int8send((extract(epoch FROM c.commit_ts) * 1000000)::bigint)
+            || int8send(c.relation_id) || convert_to(c.op, 'UTF8')
+            || int4send(length(c.message)) || c.message, ''::bytea
+            ORDER BY c.commit_lsn, c.seq), ''::bytea) AS packed
+        FROM {schema}.change c WHERE c.pipeline = b2.pipeline
+        AND (c.commit_lsn, c.seq) >= (b2.first_lsn, b2.first_seq)
+        AND (c.commit_lsn, c.seq) <= (b2.last_lsn, b2.last_seq)) p
+    WHERE b.pipeline = b2.pipeline AND b.batch_id = b2.batch_id;
+    ALTER TABLE {schema}.batch ALTER COLUMN changes SET NOT NULL;
+    DROP TABLE {schema}.change;
+    CREATE INDEX batch_last ON {schema}.batch (pipeline, last_lsn, last_seq);
+    """,
 ]

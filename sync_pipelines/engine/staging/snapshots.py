@@ -39,10 +39,12 @@ from typing import Any, Literal
 
 from psycopg import sql
 
+from ..wire.change import Position
 from ..wire.pgoutput import Delete, Insert, Relation, Update, decode_message
 from .store import StateStore
 
 PREFIX = "sync_pipelines.snapshot"
+_LAST_SEQ = 2**31 - 1  # above every index of a change in its transaction
 """Prefix of our logical decoding messages; other prefixes are ignored."""
 
 Mark = Literal["low", "high"]
@@ -258,12 +260,10 @@ class SnapshotStore:
         marks, and whether the table was truncated there (then every key is touched)."""
         assert chunk.low_lsn is not None
         source_oid = self.state.relation(chunk.relation_id).relation_id
-        rows = self.conn.execute(self._q(
-            "SELECT c.relation_id, c.op, c.message FROM {schema}.change c "
-            "JOIN {schema}.relation r ON r.relation_id = c.relation_id "
-            "WHERE c.pipeline = %s AND r.pipeline = %s AND r.source_oid = %s "
-            "AND c.commit_lsn > %s AND c.commit_lsn < %s"),
-            (pipeline, pipeline, source_oid, chunk.low_lsn, high_lsn)).fetchall()
+        # Committed strictly between the marks: after (low, every seq), through (high − 1, …).
+        rows = ((r[3], r[4], r[5]) for r in self.state.iter_staged(
+            pipeline, Position(chunk.low_lsn, _LAST_SEQ), Position(high_lsn - 1, _LAST_SEQ))
+            if self.state.relation(r[3]).relation_id == source_oid)
         keys: set[tuple[str | None, ...]] = set()
         for relation_id, op, message in rows:
             if op == "T":
@@ -272,7 +272,7 @@ class SnapshotStore:
                 idx = key_positions(self.state.relation(int(relation_id)), chunk.key_names)
             except ValueError:
                 return keys, True  # a key column was renamed or dropped: trust nothing
-            msg = decode_message(bytes(message))
+            msg = decode_message(message)
             tuples: list[Any] = []
             if isinstance(msg, (Insert, Update)):
                 tuples.append(msg.new)

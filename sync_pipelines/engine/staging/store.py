@@ -6,29 +6,29 @@ Tables (DDL in :data:`MIGRATIONS`, applied idempotently and in order by :meth:`m
   the LSN we last advanced the slot to.
 * ``relation``  — every relation (table schema) version seen in the stream, by fingerprint, so a
   staged change can always be decoded with the schema it was written under.
-* ``batch``     — staged batches: position range and number of changes. A batch is a row here
-  until every target has delivered it.
-* ``change``    — the durable mailbox: one row per staged change, keyed by its position
-  ``(commit_lsn, seq)`` (``seq`` = index of the change within its transaction), values in
-  PostgreSQL text format.
+* ``batch``     — the durable mailbox: one row per staged batch, its position range, number
+  of changes, and the changes themselves packed into one value (``changes``, see
+  :mod:`.mailbox`): each change keyed by its position ``(commit_lsn, seq)`` (``seq`` = index
+  of the change within its transaction), with its pgoutput message as received. A batch is a
+  row here until every target has delivered it.
 * ``delivery``  — per pipeline and target, the position delivered through (a mirror of the
   target's own checkpoint, which is authoritative).
 
 Contract and crash behaviour: staging a batch (its changes, its batch row and the pipeline's
 staged position) is one transaction, so after a crash either all of a batch is staged or none
 of it. The staged position only moves forward, which makes re-staging after a re-peek
-idempotent: callers skip changes at or below it. Garbage collection removes batches and
-changes only once every target's delivered position is past them.
+idempotent: callers skip changes at or below it. Garbage collection removes a batch, with its
+changes, only once every target's delivered position is past its last change.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -36,41 +36,13 @@ from psycopg import sql
 from ..errors import StateError
 from ..wire.change import START, Position, StoredChange, decode_change
 from ..wire.pgoutput import Column, Relation
+from .mailbox import StagedChange, StagedRow, pack, unpack
 from .migrations import MIGRATIONS
 
 __all__ = ["START", "Backlog", "BatchInfo", "PipelineState", "Position", "StagedChange",
            "StagedRow", "StateStore", "StoredChange", "decode_change"]
 
-StagedRow = tuple[int, int, int, int, str, bytes]
-"""A staged change as stored: ``(commit_lsn, seq, batch_id, relation_id, op, message)``."""
-
-# Column order of a staged change row as written by COPY (after pipeline and batch_id).
-CHANGE_COLUMNS = (
-    "pipeline", "batch_id", "commit_lsn", "seq", "xid", "commit_ts",
-    "relation_id", "op", "message",
-)
-_CHANGE_TYPES = (
-    "text", "int8", "int8", "int4", "int8", "timestamptz",
-    "int8", "text", "bytea",
-)
-
 _LOCK_CLASS = 0x5359  # "SY": first half of every advisory lock key we take
-
-
-class StagedChange(NamedTuple):
-    """A change ready to stage: its position and the pgoutput message as received."""
-
-    commit_lsn: int
-    seq: int
-    xid: int
-    commit_ts: datetime
-    relation_id: int
-    op: str  # 'I' insert, 'U' update, 'D' delete, 'T' truncate
-    message: bytes  # the pgoutput Insert/Update/Delete message (empty for a truncate)
-
-    @property
-    def position(self) -> Position:
-        return Position(self.commit_lsn, self.seq)
 
 
 @dataclass(frozen=True)
@@ -321,23 +293,20 @@ class StateStore:
         if not rows:
             raise ValueError("stage_records needs at least one row")
         n = len(rows)
-        cols = sql.SQL(", ").join(map(sql.Identifier, CHANGE_COLUMNS))
-        query = sql.SQL(
+        # Packed at offset 0 from the batch's first LSN, which the statement picks.
+        changes = pack([StagedChange(0, seq, 0, commit_ts, rid, op, msg)
+                        for seq, (rid, op, msg) in enumerate(rows)], 0)
+        query = self._q(
             "WITH p AS (SELECT staged_lsn + 1 AS lsn, next_batch AS b FROM {schema}.pipeline "
             "  WHERE pipeline = %(p)s FOR UPDATE), "
-            "c AS (INSERT INTO {schema}.change ({cols}) SELECT %(p)s, p.b, p.lsn, "
-            "  (u.n - 1)::int4, 0, %(ts)s, u.rid, u.op, u.msg FROM p, "
-            "  unnest(%(rid)s::int8[], %(op)s::text[], %(msg)s::bytea[]) WITH ORDINALITY "
-            "  AS u(rid, op, msg, n)), "
             "bt AS (INSERT INTO {schema}.batch (pipeline, batch_id, first_lsn, first_seq, "
-            "  last_lsn, last_seq, n_changes, first_commit_ts, last_commit_ts) "
-            "  SELECT %(p)s, p.b, p.lsn, 0, p.lsn, %(last)s, %(n)s, %(ts)s, %(ts)s FROM p), "
+            "  last_lsn, last_seq, n_changes, first_commit_ts, last_commit_ts, changes) "
+            "  SELECT %(p)s, p.b, p.lsn, 0, p.lsn, %(last)s, %(n)s, %(ts)s, %(ts)s, %(c)s "
+            "  FROM p), "
             "up AS (UPDATE {schema}.pipeline SET staged_lsn = p.lsn, staged_seq = %(last)s, "
             "  next_batch = p.b + 1, updated_at = now() FROM p WHERE pipeline = %(p)s) "
-            "SELECT p.lsn, p.b FROM p").format(schema=self._s, cols=cols)
-        params = {"p": pipeline, "ts": commit_ts, "last": n - 1, "n": n,
-                  "rid": [r[0] for r in rows], "op": [r[1] for r in rows],
-                  "msg": [r[2] for r in rows]}
+            "SELECT p.lsn, p.b FROM p")
+        params = {"p": pipeline, "ts": commit_ts, "last": n - 1, "n": n, "c": changes}
         with self.conn.pipeline(), self.conn.transaction():
             cur = self.conn.execute(query, params)
             if also is not None:
@@ -362,23 +331,15 @@ class StateStore:
     def _write_batch(self, pipeline: str, batch_id: int, changes: Sequence[StagedChange]
                      ) -> BatchInfo:
         first, last = changes[0], changes[-1]
-        with self.conn.cursor() as cur:
-            cols = sql.SQL(", ").join(map(sql.Identifier, CHANGE_COLUMNS))
-            copy_sql = sql.SQL(
-                "COPY {schema}.change ({cols}) FROM STDIN (FORMAT BINARY)"
-            ).format(schema=self._s, cols=cols)
-            with cur.copy(copy_sql) as copy:
-                copy.set_types(_CHANGE_TYPES)
-                for c in changes:
-                    copy.write_row((pipeline, batch_id, *c))
         self.conn.execute(
             self._q(
                 "INSERT INTO {schema}.batch (pipeline, batch_id, first_lsn, first_seq, "
-                "last_lsn, last_seq, n_changes, first_commit_ts, last_commit_ts) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                "last_lsn, last_seq, n_changes, first_commit_ts, last_commit_ts, changes) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
             ),
             (pipeline, batch_id, first.commit_lsn, first.seq, last.commit_lsn, last.seq,
-             len(changes), first.commit_ts, last.commit_ts),
+             len(changes), first.commit_ts, last.commit_ts,
+             pack(changes, first.commit_lsn)),
         )
         self.conn.execute(
             self._q("UPDATE {schema}.pipeline SET staged_lsn = %s, staged_seq = %s, "
@@ -441,15 +402,49 @@ class StateStore:
                     ) -> list[StagedRow]:
         """Like :meth:`read_changes`, as stored: ``(commit_lsn, seq, batch_id, relation_id,
         op, message)`` with the raw message (delivery decodes it, or passes it through)."""
-        with self.conn.cursor(binary=True) as cur:
-            cur.execute(
-                self._q("SELECT commit_lsn, seq, batch_id, relation_id, op, message "
-                        "FROM {schema}.change WHERE pipeline = %s "
-                        "AND (commit_lsn, seq) > (%s, %s) AND (commit_lsn, seq) <= (%s, %s) "
-                        "ORDER BY commit_lsn, seq"),
-                (pipeline, after.commit_lsn, after.seq, through.commit_lsn, through.seq),
-            )
-            return cur.fetchall()
+        with self.conn.cursor(binary=True) as cur:  # bytea as is, not hex
+            rows = cur.execute(self._overlapping("batch_id", "first_lsn", "changes"),
+                               self._range(pipeline, after, through)).fetchall()
+        out: list[StagedRow] = []
+        for batch_id, first_lsn, changes in sorted(rows, key=lambda r: r[0]):
+            out.extend(r for r in unpack(changes, batch_id, first_lsn)
+                       if after < (r[0], r[1]) <= through)
+        return out
+
+    def iter_staged(self, pipeline: str, after: Position, through: Position
+                    ) -> Iterator[StagedRow]:
+        """Like :meth:`read_staged`, for a range of any size: one batch in memory at a time
+        (a round trip each), and the connection free between batches."""
+        ids = self.conn.execute(self._overlapping("batch_id", "first_lsn"),
+                                self._range(pipeline, after, through)).fetchall()
+        for batch_id, first_lsn in sorted(ids):
+            with self.conn.cursor(binary=True) as cur:
+                row = cur.execute(self._q(
+                    "SELECT changes FROM {schema}.batch WHERE pipeline = %s AND batch_id = %s"),
+                    (pipeline, batch_id)).fetchone()
+            if row is None:
+                continue  # collected meanwhile: every target has delivered it
+            yield from (r for r in unpack(row[0], batch_id, first_lsn)
+                        if after < (r[0], r[1]) <= through)
+
+    def _overlapping(self, *columns: str) -> sql.Composed:
+        """``columns`` of the batches holding a change in ``(after, through]``. Batches are
+        disjoint and in position order: those that end inside the range, and the first one
+        that ends after it, if it starts inside. Both are ranges of the index on last."""
+        return sql.SQL(
+            "(SELECT {cols} FROM {schema}.batch WHERE pipeline = %(p)s "
+            " AND (last_lsn, last_seq) > (%(al)s, %(as)s) "
+            " AND (last_lsn, last_seq) <= (%(tl)s, %(ts)s)) "
+            "UNION ALL "
+            "(SELECT {cols} FROM (SELECT * FROM {schema}.batch WHERE pipeline = %(p)s "
+            " AND (last_lsn, last_seq) > (%(tl)s, %(ts)s) ORDER BY last_lsn, last_seq LIMIT 1) b "
+            " WHERE (first_lsn, first_seq) <= (%(tl)s, %(ts)s))"
+        ).format(schema=self._s, cols=sql.SQL(", ").join(map(sql.Identifier, columns)))
+
+    @staticmethod
+    def _range(pipeline: str, after: Position, through: Position) -> dict[str, Any]:
+        return {"p": pipeline, "al": after.commit_lsn, "as": after.seq,
+                "tl": through.commit_lsn, "ts": through.seq}
 
     # -- delivery ----------------------------------------------------------------------------
 
@@ -484,7 +479,7 @@ class StateStore:
 
     def collect_garbage(self, pipeline: str, targets: Sequence[str], *,
                         housekeeping: bool = True) -> int:
-        """Drop batches and changes every target has delivered; returns changes removed.
+        """Drop the batches every target has delivered; returns the changes they held.
         ``housekeeping``: also forget placed snapshot rows and week-old delivery log entries
         (a delivery run does that once, at its end, not after every window)."""
         floor = min((self.delivered(pipeline, t) for t in targets), default=START)
@@ -509,27 +504,12 @@ class StateStore:
                 "AND delivered_at < now() - interval '7 days'"), (pipeline,))
         if floor == START:
             return 0
-        oldest = self.conn.execute(self._q(
-            "SELECT first_lsn, first_seq FROM {schema}.batch WHERE pipeline = %s "
-            "ORDER BY batch_id LIMIT 1"), (pipeline,)).fetchone()
-        if oldest is None or Position(oldest[0], oldest[1]) > floor:
-            return 0  # nothing staged that every target has delivered
-        with self.conn.transaction():
-            # From the oldest batch on: changes before it went with their batches, and an
-            # index scan from the pipeline's start would walk over their dead entries again
-            # at every collection (measured: a tenth of a 1M-row transaction's delivery).
-            cur = self.conn.execute(
-                self._q("DELETE FROM {schema}.change WHERE pipeline = %s "
-                        "AND (commit_lsn, seq) >= (%s, %s) AND (commit_lsn, seq) <= (%s, %s)"),
-                (pipeline, oldest[0], oldest[1], floor.commit_lsn, floor.seq),
-            )
-            removed = cur.rowcount
-            self.conn.execute(
-                self._q("DELETE FROM {schema}.batch WHERE pipeline = %s "
-                        "AND (last_lsn, last_seq) <= (%s, %s)"),
-                (pipeline, floor.commit_lsn, floor.seq),
-            )
-        return removed
+        rows = self.conn.execute(
+            self._q("DELETE FROM {schema}.batch WHERE pipeline = %s "
+                    "AND (last_lsn, last_seq) <= (%s, %s) RETURNING n_changes"),
+            (pipeline, floor.commit_lsn, floor.seq),
+        ).fetchall()
+        return sum(r[0] for r in rows)
 
 
 def _first_line(err: BaseException) -> str:
