@@ -2,6 +2,7 @@
 
 * :mod:`.store` — pipelines, relation versions, staged batches and changes (the mailbox), the
   delivered position per target, advisory locks, garbage collection;
+* :mod:`.mailbox` — a staged batch's changes packed into the one value its row holds;
 * :mod:`.held` — per target and key: the retry queue, changes parked behind it, dead letters,
   the HTTP ledger; operator redrive and discard;
 * :mod:`.snapshots` — backfill/repair/refetch progress and chunks, watermark payloads, the

@@ -287,7 +287,8 @@ class StateStore:
         serialised by the pipeline row's lock.
 
         One round trip: the position is taken from the locked pipeline row by the statement
-        that inserts the rows, the batch and the new staged position (data-modifying CTEs),
+        that inserts the batch (its rows packed at offsets from that position, see
+        :mod:`.mailbox`) and the new staged position (data-modifying CTEs),
         and ``also``'s statements and the COMMIT are pipelined behind it — the receiver stages
         a group of webhooks per commit, so its rate is this call's latency."""
         if not rows:
