@@ -10,7 +10,8 @@ state per key is observable.
 * ``Upsert`` after ``Upsert``: the later row is merged over the earlier one (column by column,
   later wins), as a row may not carry every column: a partial row leaves out unchanged TOAST
   columns, a row of a later relation version lacks dropped columns. A whole row over a whole
-  row of the same columns simply replaces it (a raw row stays raw).
+  row of the same columns simply replaces it (a raw row stays raw). The result keeps the
+  earlier one's ``inserted`` hint: a key inserted in the batch is still new to the target.
 * ``Delete`` after anything: delete.  ``Upsert`` after ``Delete``: the delete stays too (listed
   in ``deletes``), so the upsert inserts a new row rather than merging into the deleted one.
 * ``Truncate``: forget every earlier operation on the table; later ones still apply.
@@ -71,7 +72,9 @@ def compact(ops: Iterable[TargetOp]) -> dict[str, TableOps]:
             # COLUMN) does not carry every target column either.
             if op.partial or prev.partial or not _same_columns(op.row, prev.row):
                 op = Upsert(op.table, op.key, {**prev.row, **op.row},
-                            prev.partial and op.partial, op.position)
+                            prev.partial and op.partial, op.position, prev.inserted)
+            elif prev.inserted and not op.inserted:
+                op = Upsert(op.table, op.key, op.row, op.partial, op.position, True)
         elif isinstance(op, Upsert) and isinstance(prev, Delete):
             t.deleted_first.add(op.key)
         t.final[op.key] = op

@@ -51,6 +51,9 @@ class Upsert:
     source sent them, see :meth:`Mapper.map_raw`)."""
     partial: bool
     position: Position
+    inserted: bool = False
+    """The source inserted the key (in this window): a hint that the target lacks it, so a
+    sink may try a plain insert first. Never a promise — the target may have it anyway."""
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -344,7 +347,7 @@ class Mapper:
         got = copy_row(message, 6, tm._picks, tm.key_idx)
         if got is None:
             return None
-        return [Upsert(tm.target_table, got[0], RawRow(tm.shape, got[1]), False, pos)]
+        return [Upsert(tm.target_table, got[0], RawRow(tm.shape, got[1]), False, pos, op == "I")]
 
     def map(self, ch: StoredChange) -> list[TargetOp]:
         tm = self.table_mapper(ch.relation_id)

@@ -3,7 +3,9 @@
 Contract (the sink protocol of :mod:`.base`): :meth:`PostgresSink.apply` compacts a window's
 operations per key (:mod:`...mapping.compaction`), then in **one target transaction**
 truncates, deletes (``DELETE ... USING`` a temp table filled by COPY), upserts (``INSERT ...
-SELECT`` from a COPY-filled temp table ``ON CONFLICT (key) DO UPDATE``), writes the checkpoint
+SELECT`` from a COPY-filled temp table ``ON CONFLICT (key) DO UPDATE``; rows of keys the
+source inserted are COPYed into the table first, see :meth:`PostgresSink._insert_by_copy`),
+writes the checkpoint
 row ``(pipeline, target) → position`` and has the outcomes recorded before it commits. Either
 all of it commits or none does, so:
 
@@ -47,7 +49,7 @@ from ...mapping.mapper import TableMapper, TargetOp, Upsert
 from ...spec import PipelineSpec, PostgresTargetSpec
 from ...staging.held import Failure
 from ...wire.change import START, Position
-from ...wire.copyrow import COPY_HEADER, COPY_TRAILER, RawRow
+from ...wire.copyrow import RawRow
 from ...wire.pgtypes import TEXT_FORMAT_SETTINGS
 from .base import ApplyResult, ApplyStats, Checkpoint, Item, Outcome, Record, Resolve
 
@@ -77,8 +79,9 @@ class PostgresSink:
     """Applies one pipeline's changes to one PostgreSQL target."""
 
     raw_rows = True
-    """Takes rows as the source sent them (:class:`~....wire.copyrow.RawRow`): binary COPY
-    into a temp table of text columns, each cast to its column's type by the upsert."""
+    """Takes rows as the source sent them (:class:`~....wire.copyrow.RawRow`): text COPY
+    into the table itself (new keys) or into a temp table of text columns, each cast to its
+    column's type by the upsert."""
 
     def __init__(self, dsn: str, *, pipeline: str, target: str, spec: PostgresTargetSpec,
                  window_changes: int = 10_000, origin: str | None = None):
@@ -101,6 +104,8 @@ class PostgresSink:
         # (None for a domain: a cast could differ from COPY's input there, such rows go as text)
         self._casts: dict[str, dict[str, str | None]] = {}
         self._keys: dict[str, list[str]] = {}
+        # table → whether new keys' raw rows may be COPYed into it (see _insert_by_copy)
+        self._copy_into: dict[str, bool] = {}
         self._prepared: set[tuple[str, int]] = set()
         self._temps: set[str] = set()
         self._ensure_checkpoint_table()
@@ -224,6 +229,7 @@ class PostgresSink:
                         f"{', '.join(c.name for c in missing)}; add them or set add_columns: true"
                     )
             self._columns.pop(tm.target_table, None)
+            self._copy_into.pop(tm.target_table, None)
             self._load_columns(tm.target_table)
         self._keys[tm.target_table] = tm.key_names
         self._prepared.add((tm.target_table, relation_version))
@@ -389,12 +395,54 @@ class PostgresSink:
         return sql.Identifier(name)
 
     def _copy_raw(self, temp: sql.Identifier, columns: list[str], rows: list[RawRow]) -> None:
-        """Raw rows into a temp table of text columns: one binary COPY, the rows' bytes as
-        they are."""
-        statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
+        """Raw rows into a temp table of text columns (or into the target table itself):
+        one text COPY, the rows' lines as they are."""
+        statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
             temp, sql.SQL(", ").join(map(sql.Identifier, columns)))
         with self.conn.cursor() as cur, cur.copy(statement) as copy:
-            copy.write(COPY_HEADER + b"".join([r.data for r in rows]) + COPY_TRAILER)
+            copy.write(b"".join([r.data for r in rows]))
+
+    def _insert_by_copy(self, table: str, cols: list[str], group: list[Upsert]) -> bool:
+        """COPY raw rows of keys the source inserted straight into ``table``, in a savepoint;
+        False (nothing written) if the table has one of the keys already, or is a table where
+        a COPY could do what the upsert would not (below): the caller upserts them instead.
+        Any other error is the upsert's error too (a value or constraint the table refuses,
+        a trigger raising, the target gone) and is raised as the upsert would raise it.
+        Measured on the benchmark's rows, 10,000 per window, on the target backend: 1.4 µs
+        per row against 3.3 µs for the temp-table upsert.
+
+        Only where an upsert and a COPY of new keys do the same thing: the key's unique index
+        is there and checked at once (else a duplicate key would not be refused), no identity
+        column is ``GENERATED ALWAYS`` (COPY writes it, an INSERT refuses), no row security
+        (COPY refuses it), no rules (COPY ignores them), a plain or partitioned table. After a
+        key it has, the table gets no more COPYs from this sink: a target that already holds
+        the rows (a backfill again) pays for one refused COPY, not one per window."""
+        if not self._copy_into.setdefault(table, self._takes_copy(table, self._keys[table])):
+            return False
+        try:
+            with self.conn.transaction():  # a savepoint: a refused COPY leaves nothing
+                self._copy_raw(_ident(table), cols, [u.row for u in group])  # type: ignore[misc]
+        except psycopg.errors.UniqueViolation:
+            self._copy_into[table] = False
+            return False
+        return True
+
+    def _takes_copy(self, table: str, keys: list[str]) -> bool:
+        row = self.conn.execute(
+            "SELECT c.relkind IN ('r', 'p') AND NOT c.relrowsecurity AND NOT c.relhasrules "
+            "AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid "
+            "  AND a.attnum > 0 AND NOT a.attisdropped AND a.attidentity = 'a') "
+            "AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique "
+            "  AND i.indimmediate AND i.indisvalid AND i.indpred IS NULL "
+            "  AND i.indexprs IS NULL AND i.indnkeyatts = cardinality(%(keys)s::text[]) "
+            "  AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text COLLATE \"C\") "
+            "       FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, n) "
+            "       JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum "
+            "       WHERE k.n <= i.indnkeyatts) = %(keys)s::text[]) "
+            "FROM pg_class c WHERE c.oid = to_regclass(%(table)s)",
+            {"table": _ident(table).as_string(self.conn), "keys": sorted(keys)},
+        ).fetchone()
+        return bool(row and row[0])
 
     def _copy(self, temp: sql.Identifier, columns: list[str], rows: list[tuple[Any, ...]]) -> None:
         with self.conn.cursor() as cur, cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(
@@ -453,6 +501,14 @@ class PostgresSink:
         for (columns, partial, raw), group in shapes.items():
             cols = list(columns)
             casts = self._raw_casts(table, cols) if raw else None
+            if casts is not None and not clear_temps:  # (not one change at a time: one row)
+                # Keys the source inserted first, by COPY; compaction left one op per key, so
+                # they and the rest's upserts touch different rows, in either order.
+                new = [u for u in group if u.inserted]
+                if new and self._insert_by_copy(table, cols, new):
+                    group = [u for u in group if not u.inserted]
+                    if not group:
+                        continue
             if casts is not None:
                 temp = self._temp_table(table, cols, "raw")
                 self._copy_raw(temp, cols, [u.row for u in group])  # type: ignore[misc]
@@ -599,6 +655,12 @@ class _ErrorMap:
             raise TerminalDeliveryError(
                 f"{where}: the target table has no unique index on the key columns; add a "
                 f"PRIMARY KEY or UNIQUE constraint on them ({_first_line(err)})"
+            ) from None
+        if isinstance(err, psycopg.errors.ObjectNotInPrerequisiteState) \
+                and "ON CONFLICT" in str(err):
+            raise TerminalDeliveryError(  # (not transient: no retry makes it immediate)
+                f"{where}: the target table's unique index on the key columns is deferrable, "
+                f"which an upsert cannot use; make it NOT DEFERRABLE ({_first_line(err)})"
             ) from None
         if isinstance(err, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected
                       | psycopg.errors.LockNotAvailable | psycopg.errors.AdminShutdown
