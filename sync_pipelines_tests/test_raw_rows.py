@@ -1,4 +1,4 @@
-"""Rows passed through as the source sent them (pgoutput text → binary COPY, never decoded).
+"""Rows passed through as the source sent them (pgoutput text → text COPY, never decoded).
 
 Unit: for every mapping of renames and column selection, :meth:`Mapper.map_raw` gives the same
 key and row as decoding and mapping value by value, for hostile values (tabs, newlines,

@@ -417,7 +417,10 @@ class PostgresSink:
         (COPY refuses it), no rules (COPY ignores them), a plain or partitioned table. After a
         key it has, the table gets no more COPYs from this sink: a target that already holds
         the rows (a backfill again) pays for one refused COPY, not one per window."""
-        if not self._copy_into.setdefault(table, self._takes_copy(table, self._keys[table])):
+        takes = self._copy_into.get(table)
+        if takes is None:  # once per table and sink (a catalog query)
+            takes = self._copy_into[table] = self._takes_copy(table, self._keys[table])
+        if not takes:
             return False
         try:
             with self.conn.transaction():  # a savepoint: a refused COPY leaves nothing
