@@ -283,3 +283,67 @@ def test_windows_read_ahead_on_a_second_connection_keep_order_and_fail_cleanly(
     assert opened[0].conn.closed
     assert_tables_equal(source_dsn, target_dsn, "items")
     assert_versions_increase(target_dsn)
+
+
+def test_a_draining_run_reads_the_next_pass_ahead_and_the_rest_of_its_grown_window(
+        monkeypatch, source_dsn, target_dsn, state_dsn):
+    """At a pass's last window a draining run reads ahead what was staged since the pass
+    began; by the next pass that window has grown by batches staged later, and only those are
+    read then (the read ahead is its prefix). Every change once, in order, per key."""
+    from contextlib import closing
+
+    from sync_pipelines.engine.delivery import loop
+    from sync_pipelines.engine.delivery.sinks.registry import open_sink
+    from sync_pipelines.engine.pipeline import open_state
+
+    create_versioned_tables(source_dsn, target_dsn)
+    spec = make_spec(monkeypatch, source_dsn=source_dsn, target_dsn=target_dsn,
+                     state_dsn=state_dsn, tables=["items"],
+                     policy={"batch_size": 50, "demand_budget": 100_000})
+    pipeline = spec.pipelines["crm"]
+    pull_pipeline(spec, "crm")
+
+    def write(first: int, n: int) -> None:  # n inserts and an update of each: 2n changes
+        with psycopg.connect(source_dsn, autocommit=True) as conn:
+            for i in range(first, first + n):
+                conn.execute("INSERT INTO items VALUES (%s, nextval('item_version'), 0, 'a')",
+                             (i,))
+                conn.execute("UPDATE items SET version = nextval('item_version'), qty = 1 "
+                             "WHERE id = %s", (i,))
+
+    write(1, 100)  # 200 changes: 4 batches, two windows of 100
+    staged = list(pull_pipeline(spec, "crm").batches)
+    assert len(staged) == 4
+    reads: list[tuple[str, Position, Position]] = []
+    real_read = loop.WindowReader._read
+
+    def spied(self: Any, after: Position, through: Position) -> Any:
+        reads.append((threading.current_thread().name, after, through))
+        return real_read(self, after, through)
+
+    monkeypatch.setattr(loop.WindowReader, "_read", spied)
+    windows_done = []
+
+    def progress(report: Any) -> None:  # the sensor staging while the run delivers
+        windows_done.append(report)
+        if len(windows_done) in (1, 2):
+            write(1000 + 100 * len(windows_done), 25)  # one batch of 50 each time
+            staged.extend(pull_pipeline(spec, "crm").batches)
+
+    with open_state(spec) as state, closing(open_sink(pipeline, "replica")) as sink:
+        sink.window_changes = 100
+        report = loop.deliver(state, pipeline, "replica", sink, keep_draining_s=30,
+                              idle_s=0.3, progress=progress,
+                              open_state=lambda: open_state(spec))
+    assert report.changes == 300 and len(staged) == 6
+    assert list(report.batches) == [b.batch_id for b in staged]
+    assert_tables_equal(source_dsn, target_dsn, "items")
+    assert_versions_increase(target_dsn)
+    # Pass 1: windows [1, 2] and [3, 4]; at the second, batch 5 (staged after the first) is
+    # read ahead; pass 2's window [5, 6] then reads only batch 6, on the run's own thread.
+    first, second, fifth, sixth = staged[0], staged[1], staged[4], staged[5]
+    main = threading.current_thread().name
+    assert ("sync-read-ahead_0", loop.before(fifth), fifth.last) in reads, reads
+    # On the run's own thread: only pass 1's first window, and pass 2's batch 6.
+    assert [r for r in reads if r[0] == main] == [
+        (main, loop.before(first), second.last), (main, fifth.last, sixth.last)], reads

@@ -23,8 +23,9 @@
    inside one).
 
 The next window is read and mapped on a thread while the sink applies the current one
-(:class:`WindowReader`, given a second state connection): read-only, so it changes none of
-the above.
+(:class:`WindowReader`, given a second state connection) — at a draining pass's last window,
+the first window of what has been staged since the pass began, which the next pass completes
+if more came meanwhile: read-only, so it changes none of the above.
 
 Per-key order holds because one delivery (or sweep) at a time works on a target, windows go
 in position order, a sink keeps order within a window, and a key that failed stays blocked
@@ -180,8 +181,14 @@ class WindowReader:
     def read(self, after: Position, through: Position) -> tuple[int, list[Mapped]]:
         """The staged rows counted and mapped with ``after < position <= through``."""
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[:2] == (after, through):
-            return ahead[2].result()
+        if ahead is not None and ahead[0] == after and ahead[1] <= through:
+            n, mapped = ahead[2].result()
+            if ahead[1] == through:
+                return n, mapped
+            # Read ahead at the end of a pass, the next pass's window has grown since by
+            # batches staged meanwhile: the rest of it, read here.
+            more, rest = self._read(ahead[1], through)
+            return n + more, mapped + rest
         if ahead is not None:
             ahead[2].result()  # another range after all (not expected): drop it
         return self._read(after, through)
@@ -312,6 +319,16 @@ def _deliver(
                     if i + 1 < len(groups):  # the next window starts right after this one
                         after = groups[i + 1]
                         reader.read_ahead(max(last.last, before(after[0])), after[-1].last)
+                    elif keep_draining_s and upto_batch is None \
+                            and time.monotonic() - started < keep_draining_s:
+                        # The pass's last window: read ahead what the sensor has staged since
+                        # the pass began, which the next pass starts with (its first window
+                        # can only have grown by then). Else every pass's first window was
+                        # read while the sink waited: half a second of a 320,000-change drain.
+                        nxt = next(windows([b for b in state.batches(pipeline.name)
+                                            if b.last > last.last], sink.window_changes), None)
+                        if nxt is not None:
+                            reader.read_ahead(max(last.last, before(nxt[0])), nxt[-1].last)
                     accepted = held.delivered_subs(first.first, last.last)  # HTTP ledger
                     parked: list[HeldChange] = []
                     live = items.window(mapped, accepted)
