@@ -5,9 +5,8 @@ operations per key (:mod:`...mapping.compaction`), then in **one target transact
 truncates, deletes (``DELETE ... USING`` a temp table filled by COPY), upserts (``INSERT ...
 SELECT`` from a COPY-filled temp table ``ON CONFLICT (key) DO UPDATE``; rows of keys the
 source inserted are COPYed into the table first, see :meth:`PostgresSink._insert_by_copy`),
-writes the checkpoint
-row ``(pipeline, target) → position`` and has the outcomes recorded before it commits. Either
-all of it commits or none does, so:
+writes the checkpoint row ``(pipeline, target) → position`` and has the outcomes recorded
+before it commits. Either all of it commits or none does, so:
 
 * a crash before the commit leaves the target and the checkpoint as they were;
 * a crash after the commit is detected on the next run by reading the checkpoint, and the
@@ -414,9 +413,11 @@ class PostgresSink:
         Only where an upsert and a COPY of new keys do the same thing: the key's unique index
         is there and checked at once (else a duplicate key would not be refused), no identity
         column is ``GENERATED ALWAYS`` (COPY writes it, an INSERT refuses), no row security
-        (COPY refuses it), no rules (COPY ignores them), a plain or partitioned table. After a
-        key it has, the table gets no more COPYs from this sink: a target that already holds
-        the rows (a backfill again) pays for one refused COPY, not one per window."""
+        (COPY refuses it), no rules (COPY ignores them), a plain or partitioned table. (One
+        difference stays: an upsert fires statement-level UPDATE triggers even when it only
+        inserts; a COPY fires only the INSERT ones.) After a key it has, the table gets no
+        more COPYs from this sink: a target that already holds the rows (a backfill again)
+        pays for one refused COPY, not one per window."""
         takes = self._copy_into.get(table)
         if takes is None:  # once per table and sink (a catalog query)
             takes = self._copy_into[table] = self._takes_copy(table, self._keys[table])
