@@ -236,6 +236,17 @@ def test_compact_examples():
     assert out["s.t2"].upserts[0].partial
 
 
+def _versioned_pipeline(monkeypatch: Any, source_dsn: str, target_dsn: str, state_dsn: str
+                        ) -> Any:
+    """The versioned tables, a pipeline of 50-change batches, its slot created."""
+    create_versioned_tables(source_dsn, target_dsn)
+    spec = make_spec(monkeypatch, source_dsn=source_dsn, target_dsn=target_dsn,
+                     state_dsn=state_dsn, tables=["items"],
+                     policy={"batch_size": 50, "demand_budget": 100_000})
+    pull_pipeline(spec, "crm")
+    return spec
+
+
 def test_windows_read_ahead_on_a_second_connection_keep_order_and_fail_cleanly(
         monkeypatch, source_dsn, target_dsn, state_dsn):
     """The next window is read and mapped on a second state connection while the sink applies
@@ -249,12 +260,8 @@ def test_windows_read_ahead_on_a_second_connection_keep_order_and_fail_cleanly(
     from sync_pipelines.engine.errors import StateError
     from sync_pipelines.engine.pipeline import open_state
 
-    create_versioned_tables(source_dsn, target_dsn)
-    spec = make_spec(monkeypatch, source_dsn=source_dsn, target_dsn=target_dsn,
-                     state_dsn=state_dsn, tables=["items"],
-                     policy={"batch_size": 50, "demand_budget": 100_000})
+    spec = _versioned_pipeline(monkeypatch, source_dsn, target_dsn, state_dsn)
     pipeline = spec.pipelines["crm"]
-    pull_pipeline(spec, "crm")
     hot_key_workload(source_dsn, seed=3)
     pulled = pull_pipeline(spec, "crm")
     assert len(pulled.batches) > 10
@@ -296,12 +303,8 @@ def test_a_draining_run_reads_the_next_pass_ahead_and_the_rest_of_its_grown_wind
     from sync_pipelines.engine.delivery.sinks.registry import open_sink
     from sync_pipelines.engine.pipeline import open_state
 
-    create_versioned_tables(source_dsn, target_dsn)
-    spec = make_spec(monkeypatch, source_dsn=source_dsn, target_dsn=target_dsn,
-                     state_dsn=state_dsn, tables=["items"],
-                     policy={"batch_size": 50, "demand_budget": 100_000})
+    spec = _versioned_pipeline(monkeypatch, source_dsn, target_dsn, state_dsn)
     pipeline = spec.pipelines["crm"]
-    pull_pipeline(spec, "crm")
 
     def write(first: int, n: int) -> None:  # n inserts and an update of each: 2n changes
         with psycopg.connect(source_dsn, autocommit=True) as conn:
