@@ -44,8 +44,8 @@ from ..wire.pgoutput import Delete, Insert, Relation, Update, decode_message
 from .store import StateStore
 
 PREFIX = "sync_pipelines.snapshot"
-_LAST_SEQ = 2**31 - 1  # above every index of a change in its transaction
 """Prefix of our logical decoding messages; other prefixes are ignored."""
+_LAST_SEQ = 2**31 - 1  # above every index of a change in its transaction
 
 Mark = Literal["low", "high"]
 SnapshotKind = Literal["backfill", "repair", "refetch"]
