@@ -954,9 +954,8 @@ def drain_rows(w: Any, row: str, part: dict[str, Any]) -> None:
                      f"{pl['drain']['wall_s']:.2f}s, peak RSS "
                      f"{fmt_mb(pl['drain']['peak_rss_kb'])}, target == source: "
                      f"{'yes' if pl['check']['equal'] else 'NO'}"))
-        if "puller_start_s" in pl["drain"]:
-            w(row.format("  puller start-up (not timed)", fmt_s(pl["drain"]["puller_start_s"]),
-                         "", "spawn and imports, before the pipelined clock starts"))
+        w(row.format("  puller start-up (not timed)", fmt_s(pl["drain"]["puller_start_s"]),
+                     "", "spawn and imports, before the pipelined clock starts"))
     w(row.format("  pull (sensor ticks)", fmt_rate(part["pull_changes_per_s"]), "",
                  f"{fmt_s(d['pull_s'])} of the drain"))
     w(row.format("  deliver (runs)", fmt_rate(part["deliver_changes_per_s"]), "",

@@ -393,11 +393,11 @@ class PostgresSink:
             self._temps.add(name)
         return sql.Identifier(name)
 
-    def _copy_raw(self, temp: sql.Identifier, columns: list[str], rows: list[RawRow]) -> None:
+    def _copy_raw(self, into: sql.Identifier, columns: list[str], rows: list[RawRow]) -> None:
         """Raw rows into a temp table of text columns (or into the target table itself):
         one text COPY, the rows' lines as they are."""
         statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-            temp, sql.SQL(", ").join(map(sql.Identifier, columns)))
+            into, sql.SQL(", ").join(map(sql.Identifier, columns)))
         with self.conn.cursor() as cur, cur.copy(statement) as copy:
             copy.write(b"".join([r.data for r in rows]))
 
