@@ -166,7 +166,10 @@ def smoke(spec_path: Path, crm: CrmServer) -> int:
             gen.join()
             print(f"{name}: generated {gen.transactions} CRM transactions")
         if pipeline.link is not None and pipeline.link.api_side is not None:
-            _edit_contact(pipeline, crm)  # an edit on this direction's side of the link
+            missing = _edit_contact(pipeline, crm)  # an edit on this side of the link
+            if missing:
+                print(f"{name}: {missing}")
+                return 1
         elif pipeline.link is not None:
             _edit_task(pipeline, first=name.endswith(f"_{pipeline.link.first_side}_to_"
                                                      f"{pipeline.link.target_side}"))
@@ -225,10 +228,10 @@ def _smoke_order(spec: Any) -> list[str]:
     return names
 
 
-def _edit_contact(pipeline: Any, crm: CrmServer) -> None:
+def _edit_contact(pipeline: Any, crm: CrmServer) -> str | None:
     """Rename a contact on the side this direction of the contacts link reads: in the CRM
     API (a GET and a PUT of the whole record, as a client of the API would) or in
-    reporting's contact_book."""
+    reporting's contact_book. Returns what was missing when there was nothing to edit."""
     import httpx
     import psycopg
 
@@ -236,14 +239,22 @@ def _edit_contact(pipeline: Any, crm: CrmServer) -> None:
     if link.source_side == link.api_side:
         headers = {"Authorization": f"Bearer {os.environ['SYNC_CRM_TOKEN']}",
                    "Idempotency-Key": f"demo-edit-{time.time_ns()}"}
+        # The lowest id the API holds: the change generator deletes customers at random, and
+        # a customer's contacts go with it, so no fixed id is sure to exist.
+        held = crm.records("contacts")
+        if not held:
+            return "the CRM API holds no contact to edit"
+        contact = min(held, key=int)
         with httpx.Client(base_url=crm.base_url, headers=headers) as client:
-            record = client.get("/contacts/1").raise_for_status().json()
+            record = client.get(f"/contacts/{contact}").raise_for_status().json()
             record["full_name"] = f"{record.get('full_name')} (edited in the CRM API)"
-            client.put("/contacts/1", json=record).raise_for_status()
-        return
+            client.put(f"/contacts/{contact}", json=record).raise_for_status()
+        return None
     with psycopg.connect(os.environ["SYNC_TARGET_DSN"], autocommit=True) as conn:
-        conn.execute("UPDATE contact_book SET full_name = full_name || ' (edited in "
-                     "reporting)' WHERE id = (SELECT min(id) + 1 FROM contact_book)")
+        edited = conn.execute(
+            "UPDATE contact_book SET full_name = full_name || ' (edited in reporting)' "
+            "WHERE id = (SELECT id FROM contact_book ORDER BY id OFFSET 1 LIMIT 1)").rowcount
+    return None if edited == 1 else "reporting's contact_book has no second contact to edit"
 
 
 def _contacts_drift(crm: CrmServer) -> list[str]:
