@@ -102,7 +102,10 @@ def test_changes_raw_rows_cannot_carry_are_decoded():
 
 # -- hostile tuples: copy_row answers as the decoder does, or declines -----------------------
 
-_TEXT_FIELD = st.builds(lambda v: b"t" + v.encode(), st.text(max_size=12))
+_TEXT_FIELD = st.builds(lambda v: b"t" + v.encode(), st.one_of(
+    st.text(max_size=12),
+    # the bytes text COPY escapes and what its lines are made of: tab, backslash, N, newlines
+    st.text(alphabet=st.sampled_from("\\\t\n\rN.a"), max_size=6)))
 _FIELD = st.one_of(
     _TEXT_FIELD,
     st.just(b"n"), st.just(b"u"),  # NULL, unchanged TOAST
