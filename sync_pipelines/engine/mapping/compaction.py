@@ -39,14 +39,15 @@ class TableOps:
 
     @property
     def deletes(self) -> list[Delete]:
-        return [op for op in self.final.values() if isinstance(op, Delete)] + [
-            Delete(op.table, op.key, op.position) for op in self.final.values()
-            if isinstance(op, Upsert) and op.key in self.deleted_first
-        ]
+        deletes = [op for op in self.final.values() if type(op) is Delete]
+        if self.deleted_first:
+            deletes += [Delete(op.table, op.key, op.position) for op in self.final.values()
+                        if type(op) is Upsert and op.key in self.deleted_first]
+        return deletes
 
     @property
     def upserts(self) -> list[Upsert]:
-        return [op for op in self.final.values() if isinstance(op, Upsert)]
+        return [op for op in self.final.values() if type(op) is Upsert]
 
 
 def _same_columns(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -56,17 +57,29 @@ def _same_columns(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def compact(ops: Iterable[TargetOp]) -> dict[str, TableOps]:
+    # On the delivery run's critical path for every change of a window: the common case (the
+    # window's first op of a key, in the table of the op before) costs one dict lookup and
+    # one store.
     tables: dict[str, TableOps] = {}
+    table: str | None = None
+    t = TableOps()  # (replaced at the first op)
+    final = t.final
     for op in ops:
-        t = tables.get(op.table)
-        if t is None:
-            t = tables[op.table] = TableOps()
+        if op.table != table:
+            table = op.table
+            got = tables.get(table)
+            if got is None:
+                got = tables[table] = TableOps()
+            t, final = got, got.final
         if isinstance(op, Truncate):
             t.truncate = True
-            t.final.clear()
+            final.clear()
             t.deleted_first.clear()
             continue
-        prev = t.final.get(op.key)
+        prev = final.get(op.key)
+        if prev is None:
+            final[op.key] = op
+            continue
         if isinstance(op, Upsert) and isinstance(prev, Upsert):
             # Merge even full rows: a full row of a narrower relation version (after a DROP
             # COLUMN) does not carry every target column either.
@@ -75,7 +88,7 @@ def compact(ops: Iterable[TargetOp]) -> dict[str, TableOps]:
                             prev.partial and op.partial, op.position, prev.inserted)
             elif prev.inserted and not op.inserted:
                 op = Upsert(op.table, op.key, op.row, op.partial, op.position, True)
-        elif isinstance(op, Upsert) and isinstance(prev, Delete):
+        elif isinstance(op, Upsert):  # after a Delete
             t.deleted_first.add(op.key)
-        t.final[op.key] = op
+        final[op.key] = op
     return tables

@@ -494,10 +494,15 @@ class PostgresSink:
         # Rows missing unchanged-TOAST columns have a different shape: one statement per shape
         # (and raw rows their own, see _copy_raw).
         shapes: dict[tuple[tuple[str, ...], bool, bool], list[Upsert]] = {}
+        raw_shape: tuple[str, ...] | None = None  # the last raw row's, and its group
+        raw_group: list[Upsert] = []
         for u in upserts:
             row = u.row
             if type(row) is RawRow:
-                shapes.setdefault((row.shape, False, True), []).append(u)
+                if row.shape is not raw_shape:  # (one shape object per table mapping)
+                    raw_shape = row.shape
+                    raw_group = shapes.setdefault((raw_shape, False, True), [])
+                raw_group.append(u)
             else:
                 shapes.setdefault((tuple(row), u.partial, False), []).append(u)
         unchanged = 0
