@@ -351,6 +351,47 @@ def test_a_tick_keeps_pulling_while_a_run_delivers(monkeypatch, source_dsn, targ
     assert_tables_equal(source_dsn, target_dsn, "items")
 
 
+def test_a_tick_peeks_one_batch_first_while_a_run_waits(monkeypatch, source_dsn, target_dsn,
+                                                        state_dsn):
+    """The server decodes a whole peek before its first row: while a delivery run drains and
+    nothing is staged, a tick peeks about one batch first (the run has work sooner), then the
+    rest of the budget at once; a tick with no run under way peeks the whole budget."""
+    from sync_pipelines.engine.capture.source import Source
+
+    asked: list[int] = []
+    peek = Source.peek
+
+    def recorded(self, upto_nchanges, fetch_chunk):
+        asked.append(upto_nchanges)
+        return peek(self, upto_nchanges, fetch_chunk)
+
+    monkeypatch.setattr(Source, "peek", recorded)
+    budget, batch = 1000, 100
+    spec = setup(monkeypatch, source_dsn, target_dsn, state_dsn, budget=budget, batch=batch)
+    slack = len(spec.pipelines["crm"].tables) + 8
+    with psycopg.connect(source_dsn, autocommit=True) as conn:  # 250 transactions of 10
+        for lo in range(0, 2500, 10):
+            conn.execute("INSERT INTO items SELECT g, 0, 'n' "
+                         "FROM generate_series(%s::int, %s::int) g", (lo, lo + 9))
+    asked.clear()
+    alone = pull_pipeline(spec, "crm", keep_pulling_s=10, keep_pulling=lambda: False)
+    assert alone.changes == budget and asked == [3 * budget + slack]  # one peek, as before
+    deliver_pipeline(spec, "crm")
+    assert undelivered(state_dsn) == 0
+
+    asked.clear()
+    answers = iter([True, True])  # a run drains: at the start, and after the first pull
+    tick = pull_pipeline(spec, "crm", keep_pulling_s=10, keep_pulling=lambda: next(answers,
+                                                                                  False))
+    # (about 1.2 rows per change here: BEGIN and COMMIT of each transaction of 10)
+    assert len(asked) == 2 and asked[0] < 2 * batch + slack < asked[1], asked
+    first = tick.batches[0]
+    assert first.n_changes <= batch + 10  # (whole transactions)
+    assert tick.changes == budget and undelivered(state_dsn) == budget
+    sync_until_idle(spec)
+    assert_tables_equal(source_dsn, target_dsn, "items")
+
+
 def test_a_following_tick_stages_changes_as_they_come_while_a_run_delivers(
         monkeypatch, source_dsn, target_dsn, state_dsn):
     """With ``follow``, a tick that has caught up goes on pulling every FOLLOW_S while a run

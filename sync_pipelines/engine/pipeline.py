@@ -101,7 +101,11 @@ def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS,
     with open_state(spec) as state, open_source(pipeline) as source:
         refetched = refetch_pending(state, pipeline, faults=faults)
         started = monotonic()
-        report = last = pull(source, state, pipeline, faults=faults)
+        # While a delivery run drains, a pull that finds nothing staged peeks one batch first
+        # (the run has work sooner) and this loop pulls the rest at once.
+        draining = bool(keep_pulling_s) and (keep_pulling is None or keep_pulling())
+        first_peek = pipeline.policy.batch_size if draining else None
+        report = last = pull(source, state, pipeline, faults=faults, first_peek=first_peek)
         while keep_pulling_s and monotonic() - started < keep_pulling_s:
             backlog = last.stopped_by_demand or last.waiting_for_room
             if not (backlog or last.more or follow) or not (
@@ -109,7 +113,7 @@ def pull_pipeline(spec: SyncSpec, name: str, *, faults: Faults = NO_FAULTS,
                 break
             if not last.more:  # more in the slot than the last peek asked for: at once
                 sleep(PULL_AGAIN_S if backlog else FOLLOW_S)
-            last = pull(source, state, pipeline, faults=faults)
+            last = pull(source, state, pipeline, faults=faults, first_peek=first_peek)
             report = _merged(report, last, monotonic() - started)
         return dataclasses.replace(report, refetch=refetched)
 
