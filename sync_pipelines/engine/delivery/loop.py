@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from ..errors import TransientDeliveryError
 from ..faults import NO_FAULTS, Faults
 from ..links.resolver import LinkResolver
-from ..mapping.mapper import Mapper, TableMapper, TargetOp
+from ..mapping.mapper import Mapper
 from ..spec import PipelineSpec
 from ..staging.held import HeldChange, HeldStore
 from ..staging.store import BatchInfo, StagedRow, StateStore
@@ -85,15 +85,12 @@ def link_window(state: StateStore, pipeline: PipelineSpec, lock_timeout_s: float
         state.unlock(lock)
 
 
-Mapped = tuple[StagedRow, TableMapper, Position, list[TargetOp]]
-"""A staged change mapped for a pipeline: its row as stored, table mapping, position, ops."""
-
-
-def map_staged(mapper: Mapper, raw: bool, row: StagedRow) -> Mapped | None:
-    """A staged change mapped (None for a table the pipeline does not sync). With ``raw``, a
-    change of a table mapped by renames and column selection keeps its row as the source sent
-    it (:meth:`..mapping.mapper.Mapper.map_raw`); every other change is decoded and mapped
-    value by value."""
+def map_staged(mapper: Mapper, raw: bool, row: StagedRow) -> Item | None:
+    """A staged change mapped, as an :class:`Item` for any target (None for a table the
+    pipeline does not sync). With ``raw``, a change of a table mapped by renames and column
+    selection keeps its row as the source sent it (:meth:`..mapping.mapper.Mapper.map_raw`);
+    every other change is decoded and mapped value by value. Made on the read-ahead thread:
+    the run's own thread only keeps the items its target takes (:meth:`Items.window`)."""
     commit_lsn, seq, _, relation_id, op, message = row
     tm = mapper.table_mapper(relation_id)
     if tm is None:
@@ -102,11 +99,11 @@ def map_staged(mapper: Mapper, raw: bool, row: StagedRow) -> Mapped | None:
     ops = mapper.map_raw(tm, op, position, message) if raw else None
     if ops is None:
         ops = mapper.map(decode_change(*row))
-    return row, tm, position, ops
+    return Item(position, relation_id, op, message, tm, ops)
 
 
 class Items:
-    """Mapped staged changes → :class:`Item` for one target: the target's tables only.
+    """Mapped staged changes (:class:`Item`) → the items of one target: its tables only.
 
     Rows pass through raw (see :func:`map_staged`) for a sink that takes them
     (``sink.raw_rows``), outside a two-way link (whose check compares values)."""
@@ -117,36 +114,33 @@ class Items:
         self.raw = getattr(sink, "raw_rows", False) and pipeline.link is None
         self._takes: dict[int, bool] = {}
 
-    def of(self, mapped: Mapped, attempts: int = 0) -> Item | None:
-        """The item of a mapped change; None for a table this target does not take."""
-        row, tm, position, ops = mapped
-        relation_id = row[3]
-        takes = self._takes.get(relation_id)
-        if takes is None:
-            takes = self._takes[relation_id] = self.sink.prepare(tm, relation_id)
-        if not takes:
-            return None  # a table this target does not take
-        return Item(position, relation_id, row[4], row[5], tm, ops, attempts)
+    def takes(self, item: Item) -> bool:
+        """Whether this target takes the item's table (asked of the sink once per table)."""
+        took = self._takes.get(item.relation_id)
+        if took is None:
+            took = self._takes[item.relation_id] = self.sink.prepare(item.table,
+                                                                     item.relation_id)
+        return took
 
     def item(self, row: StagedRow, attempts: int = 0) -> Item | None:
         """The item of a staged change (its raw message is kept for the retry queue); None
         for a table this pipeline or this target does not take."""
-        mapped = map_staged(self.mapper, self.raw, row)
-        return None if mapped is None else self.of(mapped, attempts)
+        it = map_staged(self.mapper, self.raw, row)
+        if it is None or not self.takes(it):
+            return None
+        it.attempts = attempts
+        return it
 
-    def window(self, mapped: list[Mapped], accepted: set[tuple[int, int, int]]) -> list[Item]:
-        """Items of a window's mapped changes; ``accepted`` are ledger entries ``(commit_lsn,
-        seq, sub)`` of requests already accepted."""
-        out = []
-        for m in mapped:
-            it = self.of(m)
-            if it is None:
-                continue
-            if accepted:
+    def window(self, mapped: list[Item], accepted: set[tuple[int, int, int]]) -> list[Item]:
+        """The items of a window this target takes; ``accepted`` are ledger entries
+        ``(commit_lsn, seq, sub)`` of requests already accepted."""
+        takes = self.takes
+        live = [it for it in mapped if takes(it)]
+        if accepted:
+            for it in live:
                 it.done_subs = frozenset(sub for lsn, seq, sub in accepted
                                          if (lsn, seq) == it.position)
-            out.append(it)
-        return out
+        return live
 
 
 class WindowReader:
@@ -164,7 +158,7 @@ class WindowReader:
         self._mapper = Mapper(pipeline, lambda rid: self._state.relation(rid))
         self._raw = raw
         self._pool: ThreadPoolExecutor | None = None
-        self._ahead: tuple[Position, Position, Future[tuple[int, list[Mapped]]]] | None = None
+        self._ahead: tuple[Position, Position, Future[tuple[int, list[Item]]]] | None = None
 
     @property
     def _state(self) -> StateStore:
@@ -172,13 +166,13 @@ class WindowReader:
         # and the main thread reads only when no read ahead is in flight.
         return self._own or self._main
 
-    def _read(self, after: Position, through: Position) -> tuple[int, list[Mapped]]:
+    def _read(self, after: Position, through: Position) -> tuple[int, list[Item]]:
         rows = self._state.read_staged(self._name, after, through)
         mapped = [m for m in (map_staged(self._mapper, self._raw, r) for r in rows)
                   if m is not None]
         return len(rows), mapped
 
-    def read(self, after: Position, through: Position) -> tuple[int, list[Mapped]]:
+    def read(self, after: Position, through: Position) -> tuple[int, list[Item]]:
         """The staged rows counted and mapped with ``after < position <= through``."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == after and ahead[1] <= through:
@@ -202,7 +196,7 @@ class WindowReader:
             self._pool = ThreadPoolExecutor(1, "sync-read-ahead")
         self._ahead = (after, through, self._pool.submit(self._read_ahead, after, through))
 
-    def _read_ahead(self, after: Position, through: Position) -> tuple[int, list[Mapped]]:
+    def _read_ahead(self, after: Position, through: Position) -> tuple[int, list[Item]]:
         if self._own is None:  # the thread's connection, opened by the thread's first read
             assert self._open is not None
             self._own = self._open()
