@@ -9,7 +9,9 @@ This is the engine function behind a pipeline's replication sensor. One call:
    from its restart point);
 4. peeks through a server-side cursor, staging at most ``demand`` changes in batches of
    ``batch_size`` (each batch one state transaction) — row changes as the raw pgoutput
-   message, so the pull does not decode tuples (delivery does, once);
+   message, so the pull does not decode tuples (delivery does, once); given ``first_peek``
+   (a tick while a delivery run drains) and nothing staged, it peeks only one batch and says
+   there is ``more``, so the waiting run has work before the whole budget is decoded;
 5. only then advances the slot — and only to the end of the last transaction staged whole.
 
 Invariants:

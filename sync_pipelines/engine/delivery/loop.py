@@ -22,10 +22,10 @@
    of its time). A run is still one bounded unit of work, and stops between windows (never
    inside one).
 
-The next window is read and mapped on a thread while the sink applies the current one
-(:class:`WindowReader`, given a second state connection) — at a draining pass's last window,
-the first window of what has been staged since the pass began, which the next pass completes
-if more came meanwhile: read-only, so it changes none of the above.
+The next window is read and mapped into items on a thread while the sink applies the
+current one (:class:`WindowReader`, given a second state connection) — at a draining pass's
+last window, the first window of what has been staged since the pass began, which the next
+pass completes if more came meanwhile: read-only, so it changes none of the above.
 
 Per-key order holds because one delivery (or sweep) at a time works on a target, windows go
 in position order, a sink keeps order within a window, and a key that failed stays blocked
