@@ -32,6 +32,21 @@ def current_lsn(source_dsn: str) -> int:
     return parse_lsn(rows(source_dsn, "SELECT pg_current_wal_lsn()::text")[0][0])
 
 
+def record_peeks(monkeypatch) -> list[int]:
+    """The ``upto_nchanges`` of every peek from now on (the real peek still runs)."""
+    from sync_pipelines.engine.capture.source import Source
+
+    asked: list[int] = []
+    peek = Source.peek
+
+    def recorded(self, upto_nchanges, fetch_chunk):
+        asked.append(upto_nchanges)
+        return peek(self, upto_nchanges, fetch_chunk)
+
+    monkeypatch.setattr(Source, "peek", recorded)
+    return asked
+
+
 def setup(monkeypatch, source_dsn, target_dsn, state_dsn, *, budget: int, batch: int):
     execute(source_dsn, "CREATE TABLE items (id int PRIMARY KEY, v int, note text)",
             "CREATE TABLE other (id int PRIMARY KEY, v int)")
@@ -356,16 +371,7 @@ def test_a_tick_peeks_one_batch_first_while_a_run_waits(monkeypatch, source_dsn,
     """The server decodes a whole peek before its first row: while a delivery run drains and
     nothing is staged, a tick peeks about one batch first (the run has work sooner), then the
     rest of the budget at once; a tick with no run under way peeks the whole budget."""
-    from sync_pipelines.engine.capture.source import Source
-
-    asked: list[int] = []
-    peek = Source.peek
-
-    def recorded(self, upto_nchanges, fetch_chunk):
-        asked.append(upto_nchanges)
-        return peek(self, upto_nchanges, fetch_chunk)
-
-    monkeypatch.setattr(Source, "peek", recorded)
+    asked = record_peeks(monkeypatch)
     budget, batch = 1000, 100
     spec = setup(monkeypatch, source_dsn, target_dsn, state_dsn, budget=budget, batch=batch)
     slack = len(spec.pipelines["crm"].tables) + 8
@@ -445,16 +451,7 @@ def test_a_peek_asks_for_the_rows_its_pull_will_take(monkeypatch, source_dsn, ta
     """The server materialises a whole peek before its first row: a pull asks for about the
     rows its demand needs at the slot's measured rows per change (the worst case, three,
     until it has measured), and a workload whose transactions shrink still drains whole."""
-    from sync_pipelines.engine.capture.source import Source
-
-    asked: list[int] = []
-    peek = Source.peek
-
-    def recorded(self, upto_nchanges, fetch_chunk):
-        asked.append(upto_nchanges)
-        return peek(self, upto_nchanges, fetch_chunk)
-
-    monkeypatch.setattr(Source, "peek", recorded)
+    asked = record_peeks(monkeypatch)
     budget = 1000
     spec = setup(monkeypatch, source_dsn, target_dsn, state_dsn, budget=budget, batch=250)
     asked.clear()
